@@ -1,0 +1,17 @@
+"""vitserve model library: ViT-family backbones built from attention variants, with a cost model."""
+
+from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.output import ModelOutput
+from models.registry import build_model, create_model, get_config, list_models, register
+
+__all__ = [
+    "BackboneConfig",
+    "ModelOutput",
+    "SwinConfig",
+    "ViTConfig",
+    "build_model",
+    "create_model",
+    "get_config",
+    "list_models",
+    "register",
+]
