@@ -1,16 +1,19 @@
 """vitserve model library: ViT-family backbones built from attention variants, with a cost model."""
 
 from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.cost import Cost, estimate_cost
 from models.output import ModelOutput
 from models.registry import build_model, create_model, get_config, list_models, register
 
 __all__ = [
     "BackboneConfig",
+    "Cost",
     "ModelOutput",
     "SwinConfig",
     "ViTConfig",
     "build_model",
     "create_model",
+    "estimate_cost",
     "get_config",
     "list_models",
     "register",

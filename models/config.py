@@ -55,6 +55,16 @@ class BackboneConfig:
         """Attention variant of each attention layer, in execution order."""
         raise NotImplementedError
 
+    @property
+    def window(self) -> int:
+        """Side of the attention partitions (windows, blocks, grids) in tokens, 0 when attention is not partitioned."""
+        return 0
+
+    @property
+    def bucket_multiple(self) -> int:
+        """Input sides that are multiples of this need no padding in the first stage."""
+        return self.patch_size * max(self.window, 1)
+
     def label_names(self) -> list[str]:
         """Class names, falling back to `class_<i>` when the checkpoint carried none."""
         return list(self.labels) if self.labels else [f"class_{i}" for i in range(self.num_classes)]
@@ -127,6 +137,10 @@ class ViTConfig(BackboneConfig):
         return tuple(self.attention[i % len(self.attention)] for i in range(self.depth))
 
     @property
+    def window(self) -> int:
+        return self.partition_size if {"block", "grid"} & set(self.attention) else 0
+
+    @property
     def base_grid(self) -> tuple[int, int]:
         side = -(-self.img_size // self.patch_size)
         return side, side
@@ -151,6 +165,10 @@ class SwinConfig(BackboneConfig):
         for stage, heads in enumerate(self.num_heads):
             if self.stage_dim(stage) % heads:
                 raise ValueError(f"stage {stage} width {self.stage_dim(stage)} is not divisible by {heads} heads")
+
+    @property
+    def window(self) -> int:
+        return self.window_size
 
     def stage_dim(self, stage: int) -> int:
         return self.embed_dim * 2**stage

@@ -1,0 +1,50 @@
+"""ONNX export through torch's dynamo exporter.
+
+Fused mode targets opset 23, where `F.scaled_dot_product_attention` (with its bias or mask as
+`attn_mask`) becomes a single ONNX `Attention` node per layer. Tracing runs inside the MATH SDPA
+backend with frozen parameters so masked/windowed attention lowers cleanly (pytorch#141107).
+Unfused mode targets opset 18 for runtimes without the opset-23 op: attention decomposes into
+MatMul/Softmax/MatMul. The batch axis is dynamic; spatial size is fixed per bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+FUSED_OPSET = 23
+UNFUSED_OPSET = 18
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("logits", "embedding")
+
+
+# The exporter warns once per missing torchvision op; vitserve uses none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def export_onnx(model: nn.Module, bucket: int, path: Path, *, fused: bool = True, max_batch: int = 64) -> None:
+    """Write `model` at input size bucket x bucket to `path` (ONNX, external data inlined)."""
+    model = model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    in_chans = model.config.in_chans
+    example = torch.zeros(2, in_chans, bucket, bucket)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=FUSED_OPSET if fused else UNFUSED_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    program.save(str(path))

@@ -1,0 +1,149 @@
+"""`vitserve export`: build, export, verify and publish one entry per resolution bucket.
+
+All buckets are staged and verified before any is published, so a failing bucket leaves the
+repository as it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from export.errors import ExportError
+from export.onnx_export import export_onnx
+from export.precision import PRECISIONS, convert_precision
+from export.repository import ModelEntry, ensure_writable, publish, read_entry, staging
+from export.torchscript_export import export_pt2, export_torchscript
+from export.triton_config import LABELS_FILENAME, MODEL_FILENAMES, EntrySpec, build_model_config, to_text
+from export.verify import verify_artifact
+from models import create_model
+from models.config import BackboneConfig
+
+FORMATS = ("onnx", "torchscript")
+VERSION = "1"
+# Pixels per batch held roughly constant across buckets: 32 images at 384x384.
+PIXEL_BUDGET = 32 * 384 * 384
+MAX_BATCH_CAP = 32
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One `vitserve export` invocation."""
+
+    model: str
+    repository: Path
+    buckets: tuple[int, ...] = ()
+    checkpoint: Path | None = None
+    artifact_format: str = "onnx"
+    precision: str = "fp32"
+    name: str | None = None
+    max_batch_size: int | None = None
+    max_queue_delay_us: int = 2000
+    fused: bool = True
+
+
+def default_max_batch(bucket: int) -> int:
+    """Batch cap for a bucket: a constant pixel budget, so high-resolution batches stay small."""
+    return max(1, min(MAX_BATCH_CAP, PIXEL_BUDGET // (bucket * bucket)))
+
+
+def validate_buckets(config: BackboneConfig, buckets: tuple[int, ...], model: str) -> tuple[int, ...]:
+    """Buckets must be positive multiples of patch x window so the first stage needs no padding."""
+    buckets = buckets or (config.img_size,)
+    multiple = config.bucket_multiple
+    for bucket in buckets:
+        if bucket <= 0 or bucket % multiple:
+            lower = max(multiple, bucket // multiple * multiple)
+            raise ExportError(
+                f"bucket {bucket} is not a positive multiple of {multiple} (patch {config.patch_size}"
+                f"{f' x window {config.window}' if config.window else ''}) for {model}; "
+                f"try {lower} or {lower + multiple}"
+            )
+    return tuple(dict.fromkeys(buckets))
+
+
+def _check_request(request: ExportRequest) -> None:
+    if request.artifact_format not in FORMATS:
+        raise ExportError(f"unknown format {request.artifact_format!r}; choose one of {', '.join(FORMATS)}")
+    if request.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {request.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if request.artifact_format == "torchscript" and request.precision != "fp32":
+        raise ExportError("TorchScript exports are fp32; the PyTorch runtime applies fp16/bf16 autocast on GPU")
+    if request.max_batch_size is not None and request.max_batch_size < 1:
+        raise ExportError(f"max batch size must be >= 1, got {request.max_batch_size}")
+
+
+def _build_model(request: ExportRequest) -> nn.Module:
+    try:
+        return create_model(request.model, checkpoint=request.checkpoint)
+    except KeyError as exc:
+        raise ExportError(str(exc.args[0]) if exc.args else str(exc)) from exc
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        source = f" with checkpoint {request.checkpoint}" if request.checkpoint else ""
+        raise ExportError(f"cannot build {request.model}{source}: {exc}") from exc
+
+
+def _write_artifacts(model: nn.Module, request: ExportRequest, bucket: int, version_dir: Path, log) -> None:
+    target = version_dir / MODEL_FILENAMES[request.artifact_format]
+    if request.artifact_format == "torchscript":
+        export_torchscript(model, bucket, target)
+        log(f"  torchscript: {verify_artifact(model, target, 'torchscript', 'fp32', bucket).summary()}")
+        pt2 = target.with_suffix(".pt2")
+        export_pt2(model, bucket, pt2)
+        log(f"  pt2: {verify_artifact(model, pt2, 'pt2', 'fp32', bucket).summary()}")
+        return
+    if request.precision == "fp32":
+        export_onnx(model, bucket, target, fused=request.fused)
+    else:
+        fp32 = version_dir / "fp32.onnx"
+        export_onnx(model, bucket, fp32, fused=request.fused)
+        convert_precision(fp32, target, request.precision)
+        fp32.unlink()
+    report = verify_artifact(model, target, "onnx", request.precision, bucket, fused=request.fused)
+    log(f"  onnx/{request.precision}: {report.summary()}")
+
+
+def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> list[ModelEntry]:
+    """Export every bucket of `request`; returns the published entries. Raises ExportError, writing nothing."""
+    from models.cost import estimate_cost
+
+    _check_request(request)
+    model = _build_model(request)
+    config = model.config
+    buckets = validate_buckets(config, tuple(request.buckets), request.model)
+    root = Path(request.repository)
+    ensure_writable(root)
+    backbone = request.name or request.model
+    staged: list[tuple[str, Path]] = []
+    try:
+        for bucket in buckets:
+            entry = f"{backbone}_{bucket}"
+            log(f"exporting {request.model} as {entry} ({request.artifact_format}/{request.precision})")
+            with staging(root, entry) as stage:
+                staged.append((entry, stage))
+                version_dir = stage / VERSION
+                version_dir.mkdir()
+                _write_artifacts(model, request, bucket, version_dir, log)
+                spec = EntrySpec(
+                    name=entry,
+                    backbone=backbone,
+                    arch=request.model,
+                    config=config,
+                    bucket=bucket,
+                    artifact_format=request.artifact_format,
+                    precision=request.precision,
+                    max_batch_size=request.max_batch_size or default_max_batch(bucket),
+                    max_queue_delay_us=request.max_queue_delay_us,
+                    tokens=estimate_cost(config, bucket, bucket).tokens,
+                )
+                (stage / "config.pbtxt").write_text(to_text(build_model_config(spec)))
+                (stage / LABELS_FILENAME).write_text("\n".join(config.label_names()) + "\n")
+    except BaseException:
+        for _, stage in staged:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return [read_entry(publish(stage, root, entry)) for entry, stage in staged]

@@ -1,0 +1,161 @@
+"""Check an exported artifact against PyTorch before it is written to the repository.
+
+Numerics: outputs on fresh random input, relative error ||a - b|| / ||b|| per output (fp32 <= 1e-4,
+fp16 <= 1e-2); int8 is judged by embedding cosine similarity (>= 0.99), since quantization moves
+every value a little. Structure: the ONNX graph must hold exactly one fused attention node per
+softmax-attention layer and no Softmax (fused export), or one Softmax per layer (unfused export);
+a TorchScript graph must keep one scaled_dot_product_attention per layer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.errors import VerificationError
+from export.torchscript_export import count_sdpa_ops
+
+REL_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+INT8_MIN_COSINE = 0.99
+FUSED_ATTENTION_OPS = {("", "Attention"), ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "Attention")}
+VERIFY_BATCH = 2
+
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class VerificationReport:
+    """What the check measured; `summary()` is printed by the CLI and stored nowhere else."""
+
+    relative_error: dict[str, float] = field(default_factory=dict)
+    embedding_cosine: float = 1.0
+    attention_nodes: int = 0
+    softmax_nodes: int = 0
+    expected_attention_layers: int = 0
+
+    def summary(self) -> str:
+        errors = ", ".join(f"{k} rel.err {v:.2e}" for k, v in self.relative_error.items())
+        return (
+            f"{errors}, embedding cosine {self.embedding_cosine:.6f}, fused attention ops "
+            f"{self.attention_nodes}/{self.expected_attention_layers}, softmax {self.softmax_nodes}"
+        )
+
+
+def softmax_attention_layers(model: nn.Module) -> int:
+    """Attention layers that use softmax (all but linear attention)."""
+    return sum(kind != "linear" for kind in model.config.attention_kinds)
+
+
+def onnx_op_counts(path: Path) -> Counter:
+    """(domain, op_type) counts over the main graph and every local function."""
+    graph = onnx.load(str(path), load_external_data=False)
+    nodes = list(graph.graph.node) + [n for f in graph.functions for n in f.node]
+    return Counter((n.domain or "", n.op_type) for n in nodes)
+
+
+def onnx_runner(path: Path) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda x: dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+
+
+def torchscript_runner(path: Path) -> Runner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path)).eval()
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logits, embedding = module(torch.from_numpy(x))
+        return {"logits": logits.numpy(), "embedding": embedding.numpy()}
+
+    return run
+
+
+def pt2_runner(path: Path) -> Runner:
+    module = torch.export.load(str(path)).module()
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logits, embedding = module(torch.from_numpy(x))
+        return {"logits": logits.numpy(), "embedding": embedding.numpy()}
+
+    return run
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-12))
+
+
+def _mean_cosine(actual: np.ndarray, expected: np.ndarray) -> float:
+    dot = (actual * expected).sum(axis=1)
+    norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
+    return float((dot / np.maximum(norms, 1e-12)).mean())
+
+
+def fresh_input(model: nn.Module, bucket: int, batch: int = VERIFY_BATCH) -> np.ndarray:
+    """Normalized-pixel-like random input from a fresh seed, so no export is checked on one lucky sample."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    return torch.randn(batch, model.config.in_chans, bucket, bucket, generator=generator).numpy()
+
+
+def verify_artifact(
+    model: nn.Module, path: Path, artifact_format: str, precision: str, bucket: int, fused: bool = True
+) -> VerificationReport:
+    """Compare the artifact with `model`; raise VerificationError (with the numbers) on any failure."""
+    runners = {"onnx": onnx_runner, "torchscript": torchscript_runner, "pt2": pt2_runner}
+    x = fresh_input(model, bucket)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x))._asdict()
+    actual = runners[artifact_format](path)(x)
+    report = VerificationReport(expected_attention_layers=softmax_attention_layers(model))
+    for name, expected in reference.items():
+        report.relative_error[name] = _relative_error(actual[name], expected.numpy())
+    report.embedding_cosine = _mean_cosine(actual["embedding"], reference["embedding"].numpy())
+    problems = []
+    if precision == "int8":
+        if report.embedding_cosine < INT8_MIN_COSINE:
+            problems.append(f"int8 embedding cosine {report.embedding_cosine:.4f} < {INT8_MIN_COSINE}")
+    else:
+        limit = REL_TOLERANCE[precision]
+        problems += [f"{k} relative error {v:.2e} > {limit:.0e}" for k, v in report.relative_error.items() if v > limit]
+    problems += _structure_problems(path, artifact_format, fused, report)
+    if problems:
+        raise VerificationError(
+            f"{artifact_format}/{precision} export at bucket {bucket} failed verification: "
+            + "; ".join(problems)
+            + f" ({report.summary()})"
+        )
+    return report
+
+
+def _structure_problems(path: Path, artifact_format: str, fused: bool, report: VerificationReport) -> list[str]:
+    expected = report.expected_attention_layers
+    if artifact_format == "onnx":
+        counts = onnx_op_counts(path)
+        report.attention_nodes = sum(counts[op] for op in FUSED_ATTENTION_OPS)
+        report.softmax_nodes = counts[("", "Softmax")]
+        want_fused, want_softmax = (expected, 0) if fused else (0, expected)
+        if report.attention_nodes != want_fused or report.softmax_nodes != want_softmax:
+            return [
+                f"graph has {report.attention_nodes} fused attention and {report.softmax_nodes} Softmax nodes, "
+                f"expected {want_fused} and {want_softmax} for {expected} softmax-attention layers"
+            ]
+    elif artifact_format == "torchscript":
+        report.attention_nodes = count_sdpa_ops(path)
+        if report.attention_nodes != expected:
+            return [f"TorchScript graph has {report.attention_nodes} SDPA ops for {expected} attention layers"]
+    return []
