@@ -27,7 +27,9 @@ OUTPUT_NAMES = ("logits", "embedding")
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def export_onnx(model: nn.Module, bucket: int, path: Path, *, fused: bool = True, max_batch: int = 64) -> None:
+def export_onnx(
+    model: nn.Module, bucket: int, path: Path, *, fused: bool = True, max_batch: int = 64
+) -> None:
     """Write `model` at input size bucket x bucket to `path` (ONNX, external data inlined)."""
     model = model.eval()
     for parameter in model.parameters():

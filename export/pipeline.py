@@ -72,7 +72,9 @@ def _check_request(request: ExportRequest) -> None:
     if request.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {request.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if request.artifact_format == "torchscript" and request.precision != "fp32":
-        raise ExportError("TorchScript exports are fp32; the PyTorch runtime applies fp16/bf16 autocast on GPU")
+        raise ExportError(
+            "TorchScript exports are fp32; the PyTorch runtime applies fp16/bf16 autocast on GPU"
+        )
     if request.max_batch_size is not None and request.max_batch_size < 1:
         raise ExportError(f"max batch size must be >= 1, got {request.max_batch_size}")
 

@@ -5,7 +5,6 @@ Both keep float32 inputs and outputs, so every runtime feeds the same tensors wh
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import onnx
@@ -22,8 +21,9 @@ def convert_precision(source: Path, target: Path, precision: str) -> None:
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-processing hint
         # Linear layers only: ORT's quantized attention (QAttention) does not accept the opset-23 Attention node.
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(
+            str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

@@ -116,10 +116,10 @@ def read_repository(root: Path) -> list[ModelEntry]:
     """Every entry under `root`, sorted by (backbone, bucket); staging directories are ignored."""
     root = Path(root)
     if not root.is_dir():
-        raise ExportError(f"model repository {root} does not exist; build it with `make export` or `vitserve export`")
-    entries = [
-        read_entry(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
-    ]
+        raise ExportError(
+            f"model repository {root} does not exist; build it with `make export` or `vitserve export`"
+        )
+    entries = [read_entry(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     return sorted(entries, key=lambda e: (e.backbone, e.bucket))
 
 
@@ -131,7 +131,9 @@ def ensure_writable(root: Path) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise ExportError(f"model repository {root} is not writable ({exc.strerror}); choose --repository DIR") from exc
+        raise ExportError(
+            f"model repository {root} is not writable ({exc.strerror}); choose --repository DIR"
+        ) from exc
 
 
 @contextmanager

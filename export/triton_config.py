@@ -57,9 +57,13 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
         max_batch_size=spec.max_batch_size,
         default_model_filename=MODEL_FILENAMES[spec.artifact_format],
     )
-    config.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[cfg.in_chans, spec.bucket, spec.bucket])
+    config.input.add(
+        name="pixel_values", data_type=mc.TYPE_FP32, dims=[cfg.in_chans, spec.bucket, spec.bucket]
+    )
     config.output.add(
-        name=logits_name, data_type=mc.TYPE_FP32, dims=[cfg.num_classes or cfg.num_features],
+        name=logits_name,
+        data_type=mc.TYPE_FP32,
+        dims=[cfg.num_classes or cfg.num_features],
         label_filename=LABELS_FILENAME,
     )
     config.output.add(name=embedding_name, data_type=mc.TYPE_FP32, dims=[cfg.num_features])

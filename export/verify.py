@@ -26,7 +26,11 @@ from export.torchscript_export import count_sdpa_ops
 
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 INT8_MIN_COSINE = 0.99
-FUSED_ATTENTION_OPS = {("", "Attention"), ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "Attention")}
+FUSED_ATTENTION_OPS = {
+    ("", "Attention"),
+    ("com.microsoft", "MultiHeadAttention"),
+    ("com.microsoft", "Attention"),
+}
 VERIFY_BATCH = 2
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -131,7 +135,9 @@ def verify_artifact(
             problems.append(f"int8 embedding cosine {report.embedding_cosine:.4f} < {INT8_MIN_COSINE}")
     else:
         limit = REL_TOLERANCE[precision]
-        problems += [f"{k} relative error {v:.2e} > {limit:.0e}" for k, v in report.relative_error.items() if v > limit]
+        problems += [
+            f"{k} relative error {v:.2e} > {limit:.0e}" for k, v in report.relative_error.items() if v > limit
+        ]
     problems += _structure_problems(path, artifact_format, fused, report)
     if problems:
         raise VerificationError(
@@ -142,7 +148,9 @@ def verify_artifact(
     return report
 
 
-def _structure_problems(path: Path, artifact_format: str, fused: bool, report: VerificationReport) -> list[str]:
+def _structure_problems(
+    path: Path, artifact_format: str, fused: bool, report: VerificationReport
+) -> list[str]:
     expected = report.expected_attention_layers
     if artifact_format == "onnx":
         counts = onnx_op_counts(path)
@@ -157,5 +165,7 @@ def _structure_problems(path: Path, artifact_format: str, fused: bool, report: V
     elif artifact_format == "torchscript":
         report.attention_nodes = count_sdpa_ops(path)
         if report.attention_nodes != expected:
-            return [f"TorchScript graph has {report.attention_nodes} SDPA ops for {expected} attention layers"]
+            return [
+                f"TorchScript graph has {report.attention_nodes} SDPA ops for {expected} attention layers"
+            ]
     return []

@@ -1,5 +1,6 @@
 """vitserve model library: ViT-family backbones built from attention variants, with a cost model."""
 
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.config import BackboneConfig, SwinConfig, ViTConfig
 from models.cost import Cost, estimate_cost
 from models.output import ModelOutput
@@ -7,6 +8,7 @@ from models.registry import build_model, create_model, get_config, list_models, 
 
 __all__ = [
     "BackboneConfig",
+    "CheckpointError",
     "Cost",
     "ModelOutput",
     "SwinConfig",
@@ -16,5 +18,7 @@ __all__ = [
     "estimate_cost",
     "get_config",
     "list_models",
+    "load_checkpoint",
     "register",
+    "save_checkpoint",
 ]

@@ -219,7 +219,7 @@ class HFLayout:
 
     def parts(self, ours: str) -> tuple[int | None, ...]:
         fused = any(rule.part is not None and _pattern(rule.ours).fullmatch(ours) for rule in self.rules)
-        return (0, 1, 2) if fused else (None,)
+        return tuple(range(len(QKV_PARTS))) if fused else (None,)
 
     def source_names(self, ours: str, part: int | None) -> list[str]:
         names = []

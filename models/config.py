@@ -164,7 +164,9 @@ class SwinConfig(BackboneConfig):
             raise ValueError("depths and num_heads need one entry per stage")
         for stage, heads in enumerate(self.num_heads):
             if self.stage_dim(stage) % heads:
-                raise ValueError(f"stage {stage} width {self.stage_dim(stage)} is not divisible by {heads} heads")
+                raise ValueError(
+                    f"stage {stage} width {self.stage_dim(stage)} is not divisible by {heads} heads"
+                )
 
     @property
     def window(self) -> int:

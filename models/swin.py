@@ -77,11 +77,15 @@ class SwinTransformer(nn.Module):
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.config = config
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm_eps=STEM_NORM_EPS)
+        self.patch_embed = PatchEmbed(
+            config.patch_size, config.in_chans, config.embed_dim, norm_eps=STEM_NORM_EPS
+        )
         last = len(config.depths) - 1
         self.stages = nn.ModuleList(SwinStage(config, s, downsample=s < last) for s in range(last + 1))
         self.norm = nn.LayerNorm(config.num_features, eps=config.layer_norm_eps)
-        self.head = nn.Linear(config.num_features, config.num_classes) if config.num_classes else nn.Identity()
+        self.head = (
+            nn.Linear(config.num_features, config.num_classes) if config.num_classes else nn.Identity()
+        )
         self.apply(init_weights)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.config import ViTConfig
-from models.layers import Block, PatchEmbed, init_weights, RotaryEmbedding2D, build_attention, build_pos_embed
+from models.layers import Block, PatchEmbed, RotaryEmbedding2D, build_attention, build_pos_embed, init_weights
 from models.output import ModelOutput
 
 
@@ -69,4 +69,3 @@ class VisionTransformer(nn.Module):
         else:
             embedding = x[:, self.num_prefix_tokens :].mean(dim=1)
         return ModelOutput(self.head(embedding), embedding)
-

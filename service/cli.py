@@ -27,10 +27,14 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p.add_argument("--format", dest="artifact_format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--repository", type=Path, default=settings.repository, help="env VITSERVE_REPOSITORY")
-    p.add_argument("--name", help="backbone name in the repository (entries are NAME_BUCKET); default: --model")
+    p.add_argument(
+        "--name", help="backbone name in the repository (entries are NAME_BUCKET); default: --model"
+    )
     p.add_argument("--max-batch-size", type=int, help="config.pbtxt max_batch_size (default: by bucket)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
-    p.add_argument("--unfused", action="store_true", help="opset-18 graph with plain MatMul/Softmax attention")
+    p.add_argument(
+        "--unfused", action="store_true", help="opset-18 graph with plain MatMul/Softmax attention"
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -70,18 +74,82 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """One flag per Settings field, documented with its environment variable and default."""
+    for name in names:
+        field = Settings.model_fields[name]
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            help=f"{field.description} [env VITSERVE_{name.upper()}, default {field.default}]",
+        )
+
+
+def _settings_from(args: argparse.Namespace, names) -> Settings:
+    return Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+SERVE_FLAGS = tuple(Settings.model_fields)
+ROUTE_FLAGS = ("repository", "routing")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the model repository over HTTP",
+        description="Serve the model repository. Every flag can also be set with its VITSERVE_* variable.",
+    )
+    _add_settings_flags(p, SERVE_FLAGS)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(_settings_from(args, SERVE_FLAGS))
+    return 0
+
+
+def _add_route(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("route", help="print the routing decision for an image size, like GET /v1/route")
+    p.add_argument("width", type=int)
+    p.add_argument("height", type=int)
+    _add_settings_flags(p, ROUTE_FLAGS)
+
+
+def _run_route(args: argparse.Namespace) -> int:
+    import json
+
+    from export import ExportError, read_repository
+    from service.state import StartupError, build_router
+
+    settings = _settings_from(args, ROUTE_FLAGS)
+    try:
+        router = build_router(read_repository(settings.repository), settings)
+        route = router.route(args.height, args.width)
+    except (ExportError, StartupError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(route.to_dict(), indent=2))
+    return 0
+
+
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     settings = settings or Settings()
-    parser = argparse.ArgumentParser(prog="vitserve", description="Resolution-aware Vision Transformer serving")
+    parser = argparse.ArgumentParser(
+        prog="vitserve", description="Resolution-aware Vision Transformer serving"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub, settings)
+    _add_serve(sub)
+    _add_route(sub)
     _add_models(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"export": _run_export, "models": _run_models}
+    handlers = {"export": _run_export, "serve": _run_serve, "route": _run_route, "models": _run_models}
     return handlers[args.command](args)
 
 

@@ -18,6 +18,7 @@ every (backbone, bucket) pair) is computed once when the Router is built.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.config import BackboneConfig
 from models.cost import estimate_cost
 from models.layers.patch_embed import padded_grid
 from models.registry import get_config
@@ -170,17 +172,23 @@ class Route:
 class Router:
     """Maps image sizes to Routes under one RoutingConfig; cheap enough to call per request."""
 
-    def __init__(self, config: RoutingConfig | None = None):
+    def __init__(
+        self, config: RoutingConfig | None = None, model_configs: Mapping[str, BackboneConfig] | None = None
+    ):
+        """`model_configs` maps repository model names to the configs they were exported with; costs
+        of models not in it come from their registry config."""
         self.config = config or RoutingConfig.default()
         self._backbones = self.config.backbones()
+        known = dict(model_configs or {})
+        configs = {b.model: known.get(b.model) or get_config(b.config) for b in self._backbones.values()}
         self.pools: dict[str, Pool] = {b.model: pool for pool, b in self._backbones.items()}
         self.candidates = tuple(
-            _candidate(pool, backbone, bucket)
+            _candidate(pool, backbone, configs[backbone.model], bucket)
             for pool, backbone in self._backbones.items()
             for bucket in backbone.buckets
         )
         self._candidate = {(c.model, c.bucket): c for c in self.candidates}
-        self._patch = get_config(self.config.global_backbone.config).patch_size
+        self._patch = configs[self.config.global_backbone.model].patch_size
 
     def buckets(self, model: str) -> tuple[int, ...]:
         """Buckets served by `model`; UnknownModelError lists the routed models."""
@@ -281,8 +289,8 @@ def _pick_bucket(buckets: tuple[int, ...], side: int, side_name: str) -> tuple[i
     return buckets[-1], f"bucket {buckets[-1]} is the largest, below the {side_name} side {side} (downscale)"
 
 
-def _candidate(pool: Pool, backbone: BackboneRoute, bucket: int) -> Candidate:
-    cost = estimate_cost(backbone.config, bucket, bucket)
+def _candidate(pool: Pool, backbone: BackboneRoute, config: BackboneConfig, bucket: int) -> Candidate:
+    cost = estimate_cost(config, bucket, bucket)
     calibrated = backbone.seconds_per_gflop is not None
     return Candidate(
         model=backbone.model,

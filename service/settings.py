@@ -23,8 +23,12 @@ class Settings(BaseSettings):
     repository: Path = Field(PROJECT_ROOT / "model_repository", description="Model repository directory.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free port).")
-    role: Literal["gateway", "pool"] = Field("gateway", description="gateway: full API; pool: v2 tensors only.")
-    routing: Path | None = Field(None, description="Routing/buckets YAML; defaults derive from the repository.")
+    role: Literal["gateway", "pool"] = Field(
+        "gateway", description="gateway: full API; pool: v2 tensors only."
+    )
+    routing: Path | None = Field(
+        None, description="Routing/buckets YAML; defaults derive from the repository."
+    )
     runtime: Literal["onnxruntime", "torch", "triton"] = Field("onnxruntime", description="Default runtime.")
     models: str = Field("", description="Comma-separated entries to serve (pool role); empty serves all.")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference session; 0 = all cores.")

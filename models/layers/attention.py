@@ -202,7 +202,9 @@ def neighborhood_mask(grid: tuple[int, int], kernel_size: int, dilation: int) ->
 class NeighborhoodAttention(_MultiHeadProjection):
     """Neighborhood attention (NAT) and its dilated form (DiNAT) as SDPA with a boolean mask."""
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, qkv_bias: bool = True):
+    def __init__(
+        self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, qkv_bias: bool = True
+    ):
         super().__init__(dim, num_heads, qkv_bias)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"neighborhood kernel size must be odd and positive, got {kernel_size}")

@@ -25,7 +25,9 @@ class LearnedPosEmbed1D(nn.Module):
         super().__init__()
         self.base_grid = base_grid
         self.num_prefix_tokens = num_prefix_tokens
-        self.weight = nn.Parameter(torch.randn(1, num_prefix_tokens + base_grid[0] * base_grid[1], dim) * 0.02)
+        self.weight = nn.Parameter(
+            torch.randn(1, num_prefix_tokens + base_grid[0] * base_grid[1], dim) * 0.02
+        )
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
         if tuple(grid) == tuple(self.base_grid):
@@ -169,4 +171,3 @@ class RelativePositionBias(nn.Module):
         area = self.partition[0] * self.partition[1]
         bias = self.relative_position_bias_table[self.index].reshape(area, area, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
-

@@ -1,0 +1,152 @@
+"""RGB uint8 pixels -> normalized float32 CHW tensor of one resolution bucket.
+
+Runs in the gateway's thread pool, so it is plain C work (Pillow resampling, numpy ufuncs) that
+releases the GIL; there is no per-pixel Python. The result is written straight into `out`, which
+the gateway points at its slot in the batch buffer, so the only copy of the tensor is that one.
+
+Geometry (`resize_geometry`, shared with the router so its explanation matches what is done):
+- "pad": scale so the long side equals the bucket, keep the aspect ratio, place the content at the
+  top-left and pad bottom/right with zeros *after* normalization, i.e. with the mean colour, which
+  is what the model sees as "no signal".
+- "crop": scale so the short side equals the bucket and keep the centered bucket x bucket square.
+  Only that square of the source is resampled (Pillow's `box`): the same pixels as
+  resize-then-center-crop when the scaled size is whole, exactly centered (sub-pixel) otherwise,
+  and the discarded margins are never resampled.
+Resampling is bilinear with Pillow's antialiasing; `reducing_gap` lets Pillow first shrink by an
+integer factor with a box filter when the downscale is large, which is much faster and visually
+indistinguishable at this gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+ResizeMode = Literal["pad", "crop"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+REDUCING_GAP = 3.0
+
+
+@dataclass(frozen=True)
+class ResizeGeometry:
+    """How an image of a given size lands in a bucket.
+
+    `scale` is output pixels per source pixel (the short side of a padded image is rounded to whole
+    pixels, so its own scale differs by under half a pixel); `resized_size` is the whole
+    source after scaling, before padding or cropping; `content_size` is the (width, height) of the
+    image inside the bucket (the rest is padding in "pad" mode); `source_box` is the (left, top,
+    right, bottom) region of the source that ends up in the bucket, in source pixels.
+    """
+
+    bucket: int
+    mode: ResizeMode
+    scale: float
+    resized_size: tuple[int, int]
+    content_size: tuple[int, int]
+    source_box: tuple[float, float, float, float]
+
+
+def resize_geometry(width: int, height: int, bucket: int, mode: ResizeMode) -> ResizeGeometry:
+    """Compute where a `width` x `height` image goes in a `bucket` x `bucket` input."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if bucket < 1:
+        raise ValueError(f"bucket must be a positive number of pixels, got {bucket}")
+    if mode == "pad":
+        scale = bucket / max(width, height)
+        resized = (_scaled(width, scale, bucket), _scaled(height, scale, bucket))
+        return ResizeGeometry(bucket, mode, scale, resized, resized, (0.0, 0.0, float(width), float(height)))
+    if mode == "crop":
+        side = min(width, height)
+        scale = bucket / side
+        left, top = (width - side) / 2, (height - side) / 2
+        resized = (max(bucket, round(width * scale)), max(bucket, round(height * scale)))
+        return ResizeGeometry(
+            bucket, mode, scale, resized, (bucket, bucket), (left, top, left + side, top + side)
+        )
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def preprocess(
+    image: np.ndarray,
+    bucket: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mode: ResizeMode = "pad",
+    out: np.ndarray | None = None,
+    *,
+    original_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Resize `image` (H, W, 3 uint8) into the bucket and normalize to float32 (3, bucket, bucket).
+
+    Values are (x / 255 - mean) / std per channel. With `out` (any writable float32 array of that
+    shape, e.g. a view into a batch buffer) the result is written there and `out` is returned.
+    `original_size` is the (width, height) the geometry is computed for when `image` was decoded
+    at reduced scale, so the output matches `resize_geometry` of the original size exactly.
+    """
+    _check_image(image)
+    gain, offset = _normalization(mean, std)
+    height, width = image.shape[:2]
+    src_width, src_height = original_size or (width, height)
+    geometry = resize_geometry(src_width, src_height, bucket, mode)
+    target = _output(out, bucket)
+    content_width, content_height = geometry.content_size
+    left, top, right, bottom = geometry.source_box
+    sx, sy = width / src_width, height / src_height
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    if geometry.content_size == (width, height) and box == (0, 0, width, height):
+        resized = image
+    else:
+        resized = np.asarray(
+            Image.fromarray(image).resize(
+                geometry.content_size, Image.Resampling.BILINEAR, box=box, reducing_gap=REDUCING_GAP
+            )
+        )
+    pixels = resized.transpose(2, 0, 1)
+    content = target[:, :content_height, :content_width]
+    np.multiply(pixels, gain, out=content)
+    np.subtract(content, offset, out=content)
+    target[:, content_height:, :] = 0.0
+    target[:, :content_height, content_width:] = 0.0
+    return target
+
+
+def _scaled(length: int, scale: float, bucket: int) -> int:
+    return min(bucket, max(1, round(length * scale)))
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (gain, offset) with x * gain - offset == (x / 255 - mean) / std: two ufunc passes."""
+    mean_arr = np.asarray(mean, dtype=np.float64)
+    std_arr = np.asarray(std, dtype=np.float64)
+    if mean_arr.shape != (3,) or std_arr.shape != (3,) or not np.all(std_arr > 0):
+        raise ValueError(f"mean and std need 3 values each, with std > 0; got mean={mean!r} std={std!r}")
+    gain = (1.0 / (255.0 * std_arr)).astype(np.float32)[:, None, None]
+    offset = (mean_arr / std_arr).astype(np.float32)[:, None, None]
+    return gain, offset
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            "preprocess needs an RGB uint8 array of shape (H, W, 3), got "
+            f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}; decode with "
+            "service.imaging.decode_image"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+
+
+def _output(out: np.ndarray | None, bucket: int) -> np.ndarray:
+    if out is None:
+        return np.empty((3, bucket, bucket), dtype=np.float32)
+    if out.shape != (3, bucket, bucket) or out.dtype != np.float32 or not out.flags.writeable:
+        raise ValueError(
+            f"out must be a writable float32 array of shape (3, {bucket}, {bucket}), "
+            f"got {out.dtype} {out.shape} writeable={out.flags.writeable}"
+        )
+    return out

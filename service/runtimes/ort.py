@@ -1,0 +1,44 @@
+"""Embedded ONNX Runtime: the default runtime.
+
+Providers are picked from what the installed onnxruntime offers: TensorRT and CUDA when
+onnxruntime-gpu and a GPU are present, else CPU. Intra-op threads are set explicitly (the
+gateway runs one session per entry and one batch at a time per session), and the session is
+warmed up at load so the first request does not pay for kernel selection and allocation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from export.repository import ModelEntry
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def available_providers() -> list[str]:
+    offered = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in offered]
+
+
+class OnnxRuntime:
+    """One InferenceSession per repository entry."""
+
+    def __init__(self, entry: ModelEntry, threads: int):
+        self.entry = entry
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(entry.artifact), options, providers=available_providers())
+        self._input = entry.input_name
+        self._outputs = [entry.logits_name, entry.embedding_name]
+        self.run(np.zeros((1, *entry.input_shape), dtype=np.float32))
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        logits, embedding = self.session.run(self._outputs, {self._input: batch})
+        return {"logits": logits, "embedding": embedding}
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"

@@ -1,0 +1,141 @@
+"""Typed request and response bodies, so the OpenAPI schema says exactly what the API returns."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.")
+    message: str = Field(description="What was wrong and what to do.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class CandidateInfo(BaseModel):
+    model: str
+    pool: Literal["global", "windowed"]
+    bucket: int
+    tokens: int
+    attention_flops: int
+    flops: int
+    cost: float
+    cost_unit: Literal["seconds", "GFLOP"]
+
+
+class RouteInfo(BaseModel):
+    """The routing decision for one image size."""
+
+    model: str = Field(description="Backbone serving the request.")
+    entry: str = Field(description="Repository entry (backbone and bucket) that runs it.")
+    pool: Literal["global", "windowed"]
+    bucket: int
+    tokens: int = Field(description="Tokens of the backbone at the bucket.")
+    image_tokens: int = Field(description="Tokens of the image at the global backbone's patch size.")
+    scale: float
+    resized: tuple[int, int] = Field(description="(height, width) after resizing, before pad/crop.")
+    resize_mode: Literal["pad", "crop"]
+    reason: str
+
+
+class RouteResponse(RouteInfo):
+    width: int
+    height: int
+    candidates: list[CandidateInfo]
+
+
+class Timings(BaseModel):
+    """Server-side milliseconds spent in each stage of this request."""
+
+    decode_ms: float
+    preprocess_ms: float
+    queue_and_inference_ms: float
+    total_ms: float
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="Softmax probability.")
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    route: RouteInfo
+    image: dict[str, Any] = Field(description="Format and (width, height) of the decoded input.")
+    timings: Timings
+
+
+class EmbedResponse(BaseModel):
+    embedding: list[float]
+    dim: int
+    route: RouteInfo
+    image: dict[str, Any]
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    backbone: str
+    arch: str
+    pool: Literal["global", "windowed"]
+    bucket: int
+    tokens: int
+    attention: list[str]
+    precision: str
+    platform: str
+    runtime: str
+    max_batch_size: int
+    ready: bool
+
+
+class ModelsResponse(BaseModel):
+    ready: bool
+    models: list[ModelInfo]
+    backbones: dict[str, list[int]] = Field(description="Backbone -> buckets it serves.")
+
+
+class V2Tensor(BaseModel):
+    """A KServe v2 tensor; `data` is absent when the tensor travels in the binary extension."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[V2Tensor]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]

@@ -1,0 +1,175 @@
+"""What a running vitserve process serves: repository entries, their runtimes, batchers and router.
+
+Built once at start-up (lifespan), read by the request handlers through FastAPI dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from export.repository import ModelEntry, read_repository
+from service.batcher import Batcher, BatcherGroup
+from service.metrics import Metrics
+from service.router import BackboneRoute, Router, RoutingConfig
+from service.runtimes import Runtime, load_runtime
+from service.settings import Settings
+
+log = logging.getLogger("vitserve.state")
+GLOBAL_ATTENTION = ("global",)
+
+
+class StartupError(RuntimeError):
+    """The configured repository or routing cannot be served; the message says what to fix."""
+
+
+@dataclass
+class ServingState:
+    """Entries by name, the runtime and batcher of each, the router (gateway role) and readiness."""
+
+    settings: Settings
+    metrics: Metrics
+    entries: dict[str, ModelEntry] = field(default_factory=dict)
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    batchers: BatcherGroup | None = None
+    router: Router | None = None
+    ready: bool = False
+    draining: bool = False
+    started_at: float = field(default_factory=time.time)
+    cpu_pool: ThreadPoolExecutor | None = None
+    inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+
+    @property
+    def backbones(self) -> dict[str, dict[int, ModelEntry]]:
+        """backbone -> bucket -> entry."""
+        grouped: dict[str, dict[int, ModelEntry]] = defaultdict(dict)
+        for entry in self.entries.values():
+            grouped[entry.backbone][entry.bucket] = entry
+        return dict(grouped)
+
+    def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
+        return self.backbones[backbone][bucket]
+
+    def batcher(self, entry: ModelEntry) -> Batcher:
+        return self.batchers.get(entry.name, entry.bucket)
+
+    async def start(self) -> None:
+        """Read the repository, load and warm every runtime, build batchers and the router."""
+        settings = self.settings
+        wanted = {name for name in settings.models.split(",") if name}
+        entries = read_repository(settings.repository)
+        if wanted:
+            missing = wanted - {e.name for e in entries} - {e.backbone for e in entries}
+            if missing:
+                raise StartupError(f"--models names {sorted(missing)} are not in {settings.repository}")
+            entries = [e for e in entries if e.name in wanted or e.backbone in wanted]
+        if not entries:
+            raise StartupError(f"model repository {settings.repository} has no entries; run `make export`")
+        self.entries = {e.name: e for e in entries}
+        if settings.role == "gateway":
+            self.router = build_router(entries, settings)
+        self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
+        threads = settings.threads()
+        loop = asyncio.get_running_loop()
+        for entry in entries:
+            self.metrics.model_ready.labels(entry.name).set(0)
+            started = time.perf_counter()
+            self.runtimes[entry.name] = await loop.run_in_executor(
+                None, load_runtime, settings.runtime, entry, threads
+            )
+            log.info(
+                "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
+            )
+        self.batchers = BatcherGroup(self.metrics)
+        # One inference thread per pool: buckets of a pool take turns instead of splitting the cores.
+        self.inference_pools = {
+            pool: ThreadPoolExecutor(1, thread_name_prefix=f"infer-{pool}") for pool in ("global", "windowed")
+        }
+        for entry in entries:
+            self.batchers.add(
+                self.runtimes[entry.name].run,
+                model=entry.name,
+                pool=self.pool_of(entry),
+                bucket=entry.bucket,
+                input_shape=entry.input_shape,
+                max_batch_size=settings.max_batch_size or entry.max_batch_size,
+                max_queue_delay_s=(
+                    settings.max_queue_delay_ms / 1000
+                    if settings.max_queue_delay_ms is not None
+                    else entry.max_queue_delay_us / 1e6
+                ),
+                max_queue_size=settings.max_queue_size,
+                tokens_per_item=max(1, entry.tokens),
+                max_batch_tokens=settings.max_batch_tokens,
+                executor=self.inference_pools[self.pool_of(entry)],
+            )
+            self.metrics.model_ready.labels(entry.name).set(1)
+        self.ready = True
+
+    def pool_of(self, entry: ModelEntry) -> str:
+        """`global` for global-attention backbones, `windowed` for every other attention kind."""
+        if self.router is not None and entry.backbone in self.router.pools:
+            return self.router.pools[entry.backbone]
+        return "global" if entry.attention == GLOBAL_ATTENTION else "windowed"
+
+    async def stop(self) -> None:
+        """Stop taking work, finish what is queued and running, release the threads."""
+        self.ready = False
+        self.draining = True
+        if self.batchers is not None:
+            try:
+                await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        for executor in (self.cpu_pool, *self.inference_pools.values()):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        for entry in self.entries.values():
+            self.metrics.model_ready.labels(entry.name).set(0)
+
+
+def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
+    """The routing file when given, else one derived from the repository's two backbones."""
+    configs = {e.backbone: e.config for e in entries}
+    if settings.routing is not None:
+        routing = RoutingConfig.from_yaml(settings.routing)
+    else:
+        routing = derive_routing(entries)
+    served = {e.backbone: set() for e in entries}
+    for e in entries:
+        served[e.backbone].add(e.bucket)
+    for backbone in routing.backbones().values():
+        missing = set(backbone.buckets) - served.get(backbone.model, set())
+        if missing:
+            raise StartupError(
+                f"routing names {backbone.model} buckets {sorted(missing)} that the repository "
+                f"{settings.repository} does not hold; export them or fix the routing file"
+            )
+    return Router(routing, model_configs=configs)
+
+
+def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
+    """Pair the repository's global-attention backbone with its windowed one."""
+    by_backbone: dict[str, list[ModelEntry]] = defaultdict(list)
+    for entry in entries:
+        by_backbone[entry.backbone].append(entry)
+    pools: dict[str, list[str]] = {"global": [], "windowed": []}
+    for backbone, items in by_backbone.items():
+        pools["global" if items[0].attention == GLOBAL_ATTENTION else "windowed"].append(backbone)
+    if len(pools["global"]) != 1 or len(pools["windowed"]) != 1:
+        raise StartupError(
+            f"cannot derive routing: the repository has global backbones {pools['global']} and windowed "
+            f"backbones {pools['windowed']}; the gateway needs one of each or a routing file (VITSERVE_ROUTING)"
+        )
+
+    def route(pool: str) -> BackboneRoute:
+        items = by_backbone[pools[pool][0]]
+        return BackboneRoute(
+            model=items[0].backbone, config=items[0].arch, buckets=tuple(e.bucket for e in items)
+        )
+
+    return RoutingConfig(global_backbone=route("global"), windowed_backbone=route("windowed"))

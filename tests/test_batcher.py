@@ -1,0 +1,401 @@
+"""The dynamic batcher under real asyncio with a real numpy batch function.
+
+`RowSums` is the unit's counterpart, not a mock: it computes per-row pixel sums and row indexes and
+records the request ids (each image is filled with its id) of every batch it ran, so the tests can
+check which requests were computed together and that each caller got its own row. A threading gate
+holds the first batch in run_batch, which makes the states "running", "staged" and "queued" reachable
+deterministically without timing assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.batcher import (
+    Batcher,
+    BatcherGroup,
+    BatchError,
+    DeadlineExceeded,
+    QueueFull,
+    ShuttingDown,
+)
+from service.metrics import Metrics
+
+BUCKET = 4
+PIXELS_PER_IMAGE = 3 * BUCKET * BUCKET
+
+
+def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run a coroutine test in a fresh event loop (pytest-asyncio is not a dependency)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def image(request_id: int, bucket: int = BUCKET) -> np.ndarray:
+    return np.full((3, bucket, bucket), request_id, np.float32)
+
+
+class RowSums:
+    """Batch function: per-row sums and row indexes; records ids per batch and the threads it ran in."""
+
+    def __init__(
+        self,
+        gate: threading.Event | None = None,
+        poison: int | None = None,
+        barrier: threading.Barrier | None = None,
+    ) -> None:
+        self.gate, self.poison, self.barrier = gate, poison, barrier
+        self.batches: list[list[int]] = []
+        self.threads: set[int] = set()
+        self.started = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.threads.add(threading.get_ident())
+        ids = [int(v) for v in batch[:, 0, 0, 0]]
+        self.batches.append(ids)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(5), "the test never opened the gate"
+        if self.barrier is not None:
+            self.barrier.wait()
+        if self.poison in ids:
+            raise RuntimeError(f"poisoned request {self.poison}")
+        return {"sum": batch.reshape(len(batch), -1).sum(axis=1), "row": np.arange(len(batch))}
+
+    @property
+    def computed(self) -> list[int]:
+        return [i for batch in self.batches for i in batch]
+
+    def batch_of(self, request_id: int) -> list[int]:
+        return next(b for b in self.batches if request_id in b)
+
+
+def make(run: RowSums, **settings: Any) -> Batcher:
+    defaults: dict[str, Any] = {"model": "vit", "pool": "global", "bucket": BUCKET, "max_queue_delay_s": 0.01}
+    return Batcher(run, **{**defaults, **settings})
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Yield to the loop until `condition` holds (synchronization, not a timing assertion)."""
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, "the batcher never reached the expected state"
+        await asyncio.sleep(0.001)
+
+
+async def start_blocked_batch(batcher: Batcher, run: RowSums, request_id: int) -> asyncio.Task:
+    """Submit one request and return once its batch is inside run_batch, held by the gate."""
+    task = asyncio.create_task(batcher.submit(image(request_id)))
+    assert await asyncio.to_thread(run.started.wait, 5)
+    return task
+
+
+def check_own_row(run: RowSums, request_id: int, result: dict[str, np.ndarray]) -> None:
+    assert result["sum"] == pytest.approx(request_id * PIXELS_PER_IMAGE)
+    assert result["row"] == run.batch_of(request_id).index(request_id)
+
+
+@async_test
+async def test_concurrent_requests_share_batches_and_each_gets_its_own_row() -> None:
+    run = RowSums()
+    batcher = make(run, max_batch_size=8, max_queue_delay_s=0.05)
+    ids = list(range(1, 9))
+    results = await asyncio.gather(*(batcher.submit(image(i)) for i in ids))
+    assert max(len(b) for b in run.batches) > 1
+    assert sorted(run.computed) == ids
+    for i, result in zip(ids, results, strict=True):
+        check_own_row(run, i, result)
+    assert threading.get_ident() not in run.threads, "run_batch must never run on the event loop thread"
+    await batcher.close()
+
+
+@async_test
+async def test_max_batch_size_caps_every_batch() -> None:
+    run = RowSums()
+    batcher = make(run, max_batch_size=4)
+    results = await asyncio.gather(*(batcher.submit(image(i)) for i in range(10)))
+    assert max(len(b) for b in run.batches) <= 4
+    assert sorted(run.computed) == list(range(10))
+    for i, result in enumerate(results):
+        check_own_row(run, i, result)
+    await batcher.close()
+
+
+@async_test
+async def test_lone_requests_start_at_once_but_wait_for_company_after_a_shared_batch() -> None:
+    """A minute of queue delay: only the batcher's own choice can make these requests finish promptly."""
+    run = RowSums()
+    batcher = make(run, max_batch_size=2, max_queue_delay_s=60)
+    for i in (1, 2, 3):  # concurrency 1: every request finds the batcher idle after a batch of one
+        check_own_row(run, i, await asyncio.wait_for(batcher.submit(image(i)), 10))
+    await asyncio.wait_for(asyncio.gather(batcher.submit(image(4)), batcher.submit(image(5))), 10)
+    # After a batch of two a lone request waits for company instead of starting alone.
+    lone = asyncio.create_task(batcher.submit(image(6)))
+    await until(lambda: batcher.queue_depth == 1)
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(lone, batcher.submit(image(7))), 10)
+    assert run.batches == [[1], [2], [3], [4, 5], [6, 7]]
+    await batcher.close()
+
+
+@pytest.mark.parametrize(("budget", "rows"), [(200, 3), (10, 1)])
+@async_test
+async def test_token_budget_caps_batches(budget: int, rows: int) -> None:
+    run = RowSums()
+    batcher = make(run, max_batch_size=32, tokens_per_item=64, max_batch_tokens=budget)
+    assert batcher.rows == rows
+    await asyncio.gather(*(batcher.submit(image(i)) for i in range(7)))
+    assert max(len(b) for b in run.batches) <= rows
+    assert max(len(b) for b in run.batches) * 64 <= max(budget, 64)
+    assert sorted(run.computed) == list(range(7))
+    await batcher.close()
+
+
+@async_test
+async def test_full_queue_rejects_with_retry_after_and_never_computes_the_rejected() -> None:
+    gate = threading.Event()
+    run = RowSums(gate)
+    # Four rows per batch and three queue places: while the first batch is held the queue never fills
+    # a batch, so the three requests stay queued and the fourth is rejected.
+    batcher = make(run, max_batch_size=4, max_queue_size=3)
+    first = await start_blocked_batch(batcher, run, 1)
+    queued = [asyncio.create_task(batcher.submit(image(i))) for i in (2, 3, 4)]
+    await until(lambda: batcher.queue_depth == 3)
+    with pytest.raises(QueueFull) as rejected:
+        await batcher.submit(image(99))
+    assert rejected.value.retry_after_s > 0
+    gate.set()
+    for i, result in zip((1, 2, 3, 4), await asyncio.gather(first, *queued), strict=True):
+        check_own_row(run, i, result)
+    assert 99 not in run.computed
+    await batcher.close()
+
+
+@async_test
+async def test_deadline_already_passed_is_answered_without_computing() -> None:
+    run = RowSums()
+    batcher = make(run)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(image(7), deadline=time.monotonic() - 0.001)
+    assert run.batches == []
+    check_own_row(run, 8, await batcher.submit(image(8), deadline=time.monotonic() + 5))
+    await batcher.close()
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4], ids=["staged", "queued"])
+@async_test
+async def test_deadline_passing_while_waiting_is_answered_and_never_computed(max_batch_size: int) -> None:
+    """With one row per batch the waiting request is staged in the spare buffer, with four it stays queued."""
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=max_batch_size)
+    first = await start_blocked_batch(batcher, run, 1)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(image(2), deadline=time.monotonic() + 0.02)
+    gate.set()
+    check_own_row(run, 1, await first)
+    check_own_row(run, 3, await batcher.submit(image(3)))
+    assert 2 not in run.computed
+    assert batcher.queue_depth == 0 and batcher.pending_tokens == 0
+    await batcher.close()
+
+
+@pytest.mark.parametrize("max_batch_size", [3, 8], ids=["staged", "queued"])
+@async_test
+async def test_cancelled_request_is_withdrawn_and_never_computed(max_batch_size: int) -> None:
+    """Cancelling the middle request of three: staged rows after it move up, queued ones are skipped."""
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=max_batch_size, tokens_per_item=10)
+    first = await start_blocked_batch(batcher, run, 1)
+    waiting = {i: asyncio.create_task(batcher.submit(image(i))) for i in (2, 3, 4)}
+    await until(lambda: batcher.queue_depth == 3)
+    waiting[3].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[3]
+    gate.set()
+    for i, task in ((1, first), (2, waiting[2]), (4, waiting[4])):
+        check_own_row(run, i, await task)
+    assert 3 not in run.computed
+    assert batcher.queue_depth == 0 and batcher.pending_tokens == 0
+    await batcher.close()
+
+
+@async_test
+async def test_cancelling_a_running_request_drops_only_its_result() -> None:
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=2, max_queue_delay_s=1.0)
+    tasks = [asyncio.create_task(batcher.submit(image(i))) for i in (1, 2)]
+    assert await asyncio.to_thread(run.started.wait, 5)
+    tasks[0].cancel()
+    gate.set()
+    check_own_row(run, 2, await tasks[1])
+    assert run.batches == [[1, 2]]
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    await batcher.close()
+
+
+@async_test
+async def test_failing_batch_fails_only_its_requests_and_service_continues() -> None:
+    run = RowSums(poison=13)
+    batcher = make(run, max_batch_size=2)
+    outcomes = await asyncio.gather(
+        *(batcher.submit(image(i)) for i in (13, 1, 2, 3)), return_exceptions=True
+    )
+    failed_batch = run.batch_of(13)
+    for i, outcome in zip((13, 1, 2, 3), outcomes, strict=True):
+        if i in failed_batch:
+            assert isinstance(outcome, BatchError) and "poisoned request 13" in str(outcome)
+            assert isinstance(outcome.__cause__, RuntimeError)
+        else:
+            check_own_row(run, i, outcome)
+    check_own_row(run, 4, await batcher.submit(image(4)))
+    await batcher.close()
+
+
+@async_test
+async def test_outputs_without_a_row_per_request_fail_the_batch_with_a_clear_message() -> None:
+    batcher = make(lambda batch: {"logits": np.zeros((1, 10))}, max_batch_size=4, max_queue_delay_s=0.05)
+    outcomes = await asyncio.gather(*(batcher.submit(image(i)) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, BatchError) and "expected first dimension" in str(o) for o in outcomes)
+    await batcher.close()
+
+
+@async_test
+async def test_concurrent_batches_run_in_parallel_up_to_the_configured_count() -> None:
+    # Each batch waits at a two-party barrier: it only passes if two batches run at once.
+    run = RowSums(barrier=threading.Barrier(2, timeout=5))
+    batcher = make(run, max_batch_size=1, max_concurrent_batches=2)
+    results = await asyncio.gather(batcher.submit(image(1)), batcher.submit(image(2)))
+    assert [r["sum"] for r in results] == [PIXELS_PER_IMAGE, 2 * PIXELS_PER_IMAGE]
+    assert len(run.threads) == 2
+    await batcher.close()
+
+
+@async_test
+async def test_drain_finishes_running_and_queued_work_then_rejects() -> None:
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=2)
+    first = await start_blocked_batch(batcher, run, 1)
+    waiting = [asyncio.create_task(batcher.submit(image(i))) for i in (2, 3, 4)]
+    await until(lambda: batcher.queue_depth == 3)
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(image(5))
+    assert not closing.done()
+    gate.set()
+    await closing
+    assert all(task.done() for task in (first, *waiting))
+    for i, task in zip((1, 2, 3, 4), (first, *waiting), strict=True):
+        check_own_row(run, i, task.result())
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(image(6))
+
+
+@async_test
+async def test_close_without_drain_fails_queued_and_finishes_running() -> None:
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=4)
+    first = await start_blocked_batch(batcher, run, 1)
+    queued = asyncio.create_task(batcher.submit(image(2)))
+    await until(lambda: batcher.queue_depth == 1)
+    closing = asyncio.create_task(batcher.close(drain=False))
+    with pytest.raises(ShuttingDown):
+        await queued
+    gate.set()
+    await closing
+    check_own_row(run, 1, await first)
+    assert run.computed == [1]
+
+
+def test_invalid_settings_and_inputs_are_rejected_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        make(RowSums(), max_batch_size=0)
+    batcher = make(RowSums())
+    with pytest.raises(ValueError, match=r"float32 images of shape \(3, 4, 4\)"):
+        asyncio.run(batcher.submit(np.zeros((3, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match="got float64"):
+        asyncio.run(batcher.submit(np.zeros((3, 4, 4))))
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the rendered exposition, keyed by (name, sorted labels)."""
+    text = metrics.render()[0].decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return samples(metrics)[name, tuple(sorted(labels.items()))]
+
+
+@async_test
+async def test_metrics_equal_what_happened() -> None:
+    metrics = Metrics()
+    run = RowSums()
+    batcher = make(run, model="vit", pool="global", max_batch_size=4, tokens_per_item=196, metrics=metrics)
+    await asyncio.gather(*(batcher.submit(image(i)) for i in range(10)))
+    assert value(metrics, "vitserve_batch_size_count", model="vit") == len(run.batches)
+    assert value(metrics, "vitserve_batch_size_sum", model="vit") == 10
+    assert value(metrics, "vitserve_queue_duration_seconds_count", model="vit") == 10
+    assert value(metrics, "vitserve_inference_duration_seconds_count", model="vit") == len(run.batches)
+    assert value(metrics, "vitserve_queue_depth", pool="global", model="vit") == 0
+    assert value(metrics, "vitserve_pending_tokens", pool="global") == 0
+    await batcher.close()
+
+
+@async_test
+async def test_group_keys_batchers_by_model_and_bucket_and_aggregates_pool_gauges() -> None:
+    metrics = Metrics()
+    group = BatcherGroup(metrics)
+    gate = threading.Event()
+    small, large, other = RowSums(gate), RowSums(gate), RowSums()
+    settings = {"max_batch_size": 4, "max_queue_delay_s": 0.01}
+    group.add(small, model="swin", pool="windowed", bucket=4, tokens_per_item=16, **settings)
+    group.add(large, model="swin", pool="windowed", bucket=8, tokens_per_item=64, **settings)
+    group.add(other, model="vit", pool="global", bucket=4, tokens_per_item=1, **settings)
+    with pytest.raises(ValueError, match="already exists"):
+        group.add(small, model="swin", pool="windowed", bucket=4)
+    with pytest.raises(KeyError, match="known: swin/4, swin/8, vit/4"):
+        group.get("swin", 16)
+
+    running = [
+        await start_blocked_batch(group.get("swin", 4), small, 1),
+        asyncio.create_task(group.get("swin", 8).submit(image(2, bucket=8))),
+    ]
+    assert await asyncio.to_thread(large.started.wait, 5)
+    queued = [asyncio.create_task(group.get("swin", 4).submit(image(i))) for i in (3, 4)]
+    await until(lambda: group.queue_depth("windowed") == 2)
+    expected_tokens = 3 * 16 + 1 * 64
+    assert group.pending_tokens("windowed") == expected_tokens
+    assert value(metrics, "vitserve_pending_tokens", pool="windowed") == expected_tokens
+    assert value(metrics, "vitserve_queue_depth", pool="windowed", model="swin") == 2
+    assert value(metrics, "vitserve_pending_tokens", pool="global") == 0
+
+    gate.set()
+    await asyncio.gather(*running, *queued)
+    assert value(metrics, "vitserve_pending_tokens", pool="windowed") == 0
+    assert value(metrics, "vitserve_queue_depth", pool="windowed", model="swin") == 0
+    await group.close()
+    assert len(group) == 3
