@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from torch import nn
@@ -32,7 +34,7 @@ MAX_BATCH_CAP = 32
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """One `vitserve export` invocation."""
+    """One `vitserve export` invocation; `overrides` are config fields (as in `create_model`) for the Python API."""
 
     model: str
     repository: Path
@@ -44,6 +46,7 @@ class ExportRequest:
     max_batch_size: int | None = None
     max_queue_delay_us: int = 2000
     fused: bool = True
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 def default_max_batch(bucket: int) -> int:
@@ -81,7 +84,7 @@ def _check_request(request: ExportRequest) -> None:
 
 def _build_model(request: ExportRequest) -> nn.Module:
     try:
-        return create_model(request.model, checkpoint=request.checkpoint)
+        return create_model(request.model, checkpoint=request.checkpoint, **request.overrides)
     except KeyError as exc:
         raise ExportError(str(exc.args[0]) if exc.args else str(exc)) from exc
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
