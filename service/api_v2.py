@@ -16,9 +16,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
 from export.repository import ModelEntry
+from service.batcher import Batcher
 from service.dependencies import deadline, get_state, observed, read_body, ready_state, unless_disconnected
 from service.errors import APIError
 from service.schemas import (
+    V2ErrorBody,
     V2InferRequest,
     V2ModelMetadata,
     V2RequestedOutput,
@@ -29,6 +31,7 @@ from service.state import ServingState
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 HEADER_LENGTH = "inference-header-content-length"
+ERRORS = {s: {"model": V2ErrorBody} for s in (400, 404, 413, 422, 429, 503, 504)}
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
 
 
@@ -58,14 +61,12 @@ async def ready(state: Annotated[ServingState, Depends(get_state)]) -> Response:
 
 
 @router.get("", response_model=V2ServerMetadata)
-async def server_metadata() -> V2ServerMetadata:
-    from importlib.metadata import version
-
-    return V2ServerMetadata(name="vitserve", version=version("vitserve"), extensions=["binary_tensor_data"])
+async def server_metadata(request: Request) -> V2ServerMetadata:
+    return V2ServerMetadata(name="vitserve", version=request.app.version, extensions=["binary_tensor_data"])
 
 
-@router.get("/models/{model}", response_model=V2ModelMetadata)
-@router.get("/models/{model}/versions/{version}", response_model=V2ModelMetadata)
+@router.get("/models/{model}", response_model=V2ModelMetadata, responses=ERRORS)
+@router.get("/models/{model}/versions/{version}", response_model=V2ModelMetadata, responses=ERRORS)
 async def model_metadata(
     model: str, state: Annotated[ServingState, Depends(get_state)], version: str | None = None
 ) -> V2ModelMetadata:
@@ -190,8 +191,22 @@ def _encode_response(entry: ModelEntry, request: V2InferRequest, outputs: dict[s
     )
 
 
-@router.post("/models/{model}/infer")
-@router.post("/models/{model}/versions/{version}/infer")
+async def _submit_rows(batcher: Batcher, pixels: np.ndarray, request_deadline: float) -> list[dict]:
+    """Submit every row; when one fails (queue full, deadline), withdraw the rows still queued.
+
+    Rows that a batch has already taken still run: the batcher admits rows one at a time.
+    """
+    rows = [asyncio.ensure_future(batcher.submit(row, request_deadline)) for row in pixels]
+    try:
+        return await asyncio.gather(*rows)
+    except BaseException:
+        for row in rows:
+            row.cancel()
+        raise
+
+
+@router.post("/models/{model}/infer", responses=ERRORS)
+@router.post("/models/{model}/versions/{version}/infer", responses=ERRORS)
 async def infer(
     model: str,
     request: Request,
@@ -207,9 +222,8 @@ async def infer(
         body = await read_body(request, state.settings.max_body_bytes)
         parsed, binary = _parse_infer(body, request.headers.get(HEADER_LENGTH))
         pixels = _input_array(parsed, binary, entry)
-        batcher = state.batcher(entry)
         rows = await unless_disconnected(
-            request, asyncio.gather(*(batcher.submit(row, request_deadline) for row in pixels))
+            request, _submit_rows(state.batcher(entry), pixels, request_deadline)
         )
         outputs = {key: np.stack([r[key] for r in rows]) for key in ("logits", "embedding")}
         return _encode_response(entry, parsed, outputs)

@@ -11,7 +11,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Query, Request
 
-from service.errors import APIError, to_api_error
+from service.errors import CLIENT_CLOSED_REQUEST, APIError, client_disconnected, to_api_error
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServingState
@@ -69,17 +69,28 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first (so queued work is withdrawn)."""
+    """Await `work`, cancelling it if the client goes away first (so queued work is withdrawn).
+
+    A withdrawn request ends as APIError 499 (client closed request): nobody reads the answer, but
+    the request is counted with that status and ends like any other failure, without a traceback.
+    """
     task = asyncio.ensure_future(work)
+    disconnected = False
 
     async def watch() -> None:
+        nonlocal disconnected
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        disconnected = True
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if disconnected:
+            raise client_disconnected() from None
+        raise
     finally:
         watcher.cancel()
 
@@ -103,7 +114,7 @@ def observed(metrics: Metrics, endpoint: str):
     try:
         yield record
     except BaseException as exc:
-        record.status = to_api_error(exc).status if isinstance(exc, Exception) else 499
+        record.status = to_api_error(exc).status if isinstance(exc, Exception) else CLIENT_CLOSED_REQUEST
         raise
     finally:
         metrics.inflight_requests.dec()

@@ -16,6 +16,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class V2ErrorBody(BaseModel):
+    """KServe v2 error: the protocol makes `error` the message string; `code` is vitserve's stable code."""
+
+    error: str = Field(description="What was wrong and what to do.")
+    code: str = Field(description="Stable machine-readable error code.")
+
+
 class CandidateInfo(BaseModel):
     model: str
     pool: Literal["global", "windowed"]

@@ -1,10 +1,17 @@
 """Run the app under uvicorn with graceful shutdown.
 
-On SIGTERM/SIGINT readiness turns false at once (so load balancers stop sending), uvicorn stops
-accepting connections and waits for in-flight requests, then the lifespan drains the batchers.
+On SIGTERM/SIGINT readiness turns false at once and new requests are answered 503 (draining).
+The listener stays open for `shutdown_delay_s`, so load balancers and Kubernetes endpoints see the
+server as not ready before connections are refused; then uvicorn stops accepting connections and
+waits for in-flight requests, the lifespan drains the batchers, and the process exits 0: a drain
+that completes is a clean exit, not death by signal (uvicorn would otherwise re-raise the signal).
 """
 
 from __future__ import annotations
+
+import signal
+import sys
+import time
 
 import uvicorn
 
@@ -12,21 +19,37 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
 
+# uvicorn's exit status when the application fails to start (uvicorn.main.STARTUP_FAILURE).
+STARTUP_FAILURE = 3
+
 
 class _Server(uvicorn.Server):
-    """uvicorn server that flips readiness before the usual graceful exit."""
+    """uvicorn server that flips readiness, keeps listening for the shutdown delay, then exits."""
 
-    def __init__(self, config: uvicorn.Config, app):
+    def __init__(self, config: uvicorn.Config, app, shutdown_delay_s: float):
         super().__init__(config)
         self._app = app
+        self._shutdown_delay_s = shutdown_delay_s
+        self._exit_requested_at: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
         self._app.state.serving.ready = False
         self._app.state.serving.draining = True
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+        if self._exit_requested_at is None:
+            self._exit_requested_at = time.monotonic()
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        if not should_exit or self.force_exit or self._exit_requested_at is None:
+            return should_exit
+        return time.monotonic() - self._exit_requested_at >= self._shutdown_delay_s
 
 
 def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; exits with status 3 when the application cannot start."""
     configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -37,4 +60,7 @@ def serve(settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    _Server(config, app).run()
+    server = _Server(config, app, settings.shutdown_delay_s)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RuntimeKind = Literal["onnxruntime", "torch", "triton"]
 
 
 class Settings(BaseSettings):
@@ -29,7 +30,36 @@ class Settings(BaseSettings):
     routing: Path | None = Field(
         None, description="Routing/buckets YAML; defaults derive from the repository."
     )
-    runtime: Literal["onnxruntime", "torch", "triton"] = Field("onnxruntime", description="Default runtime.")
+    runtime: RuntimeKind = Field("onnxruntime", description="Default runtime.")
+    runtimes: str = Field(
+        "",
+        description="Per-model runtime overriding `runtime`: ENTRY_OR_BACKBONE=KIND,... "
+        "(e.g. 'vit_base=torch,swin_tiny_448=triton').",
+    )
+    triton_urls: str = Field(
+        "",
+        description="KServe v2 server of each pool, backbone or entry on the triton runtime: KEY=URL,... "
+        "(e.g. 'global=grpc://triton-global:8001,windowed=http://pool-windowed:8000'); "
+        "the scheme picks gRPC or HTTP.",
+    )
+    triton_timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Timeout of one call to a pool, sent as the v2 timeout; default request_timeout_ms.",
+    )
+    triton_connect_timeout_ms: float = Field(
+        1000, gt=0, description="Connect timeout to a pool, so a dead pool fails fast (503)."
+    )
+    triton_binary: bool = Field(
+        True, description="HTTP pools: binary tensor extension; false sends JSON tensors (e.g. for MLServer)."
+    )
+    torch_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch runtime device.")
+    torch_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="torch runtime CUDA autocast dtype; auto: fp16 on CUDA, fp32 on CPU."
+    )
+    torch_compile: Literal["off", "on", "cuda-graphs"] = Field(
+        "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
+    )
     models: str = Field("", description="Comma-separated entries to serve (pool role); empty serves all.")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference session; 0 = all cores.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")
@@ -43,7 +73,49 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
     drain_timeout_s: float = Field(30.0, ge=0, description="Longest wait for queued work on shutdown.")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM, keep listening this long (readiness 503, new requests 503) "
+        "before closing, so load balancers stop routing here first.",
+    )
     log_level: str = Field("warning", description="Log level (structured JSON logs on stderr).")
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
+
+    @field_validator("runtimes", "triton_urls")
+    @classmethod
+    def _check_mapping(cls, value: str, info: ValidationInfo) -> str:
+        mapping = parse_mapping(value, info.field_name)
+        if info.field_name == "runtimes":
+            kinds = get_args(RuntimeKind)
+            unknown = {kind for kind in mapping.values() if kind not in kinds}
+            if unknown:
+                raise ValueError(f"runtimes names {sorted(unknown)}; choose from {', '.join(kinds)}")
+        return value
+
+    def runtime_for(self, *names: str) -> str:
+        """The runtime of the first of `names` (entry, then backbone) listed in `runtimes`, else `runtime`."""
+        return _first(parse_mapping(self.runtimes, "runtimes"), names) or self.runtime
+
+    def triton_url_for(self, *names: str) -> str | None:
+        """The pool URL of the first of `names` (entry, backbone, pool) listed in `triton_urls`."""
+        return _first(parse_mapping(self.triton_urls, "triton_urls"), names)
+
+
+def parse_mapping(text: str, field: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'}; ValueError naming the field for a malformed item."""
+    mapping = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(
+                f"{field}: {item!r} is not NAME=VALUE; write e.g. 'global=http://127.0.0.1:8001'"
+            )
+        mapping[key] = value
+    return mapping
+
+
+def _first(mapping: dict[str, str], names: tuple[str, ...]) -> str | None:
+    return next((mapping[name] for name in names if name in mapping), None)

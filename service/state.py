@@ -78,8 +78,9 @@ class ServingState:
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
+            kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, settings.runtime, entry, threads
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}

@@ -2,17 +2,26 @@
 
 Every runtime reads the same model repository entry and returns outputs keyed by role
 ("logits", "embedding"), whatever the artifact's own output names are.
+
+Selection, per entry (settings, env VITSERVE_*):
+  RUNTIME         default for every entry: onnxruntime (embedded), torch or triton
+  RUNTIMES        overrides by entry or backbone name, e.g. "vit_base=torch,swin_tiny=triton"
+  TRITON_URLS     the KServe v2 server of each triton entry, by entry, backbone or pool name
+                  (first match in that order), e.g. "global=grpc://triton-g:8001,windowed=http://p:8000"
+  TRITON_TIMEOUT_MS, TRITON_CONNECT_TIMEOUT_MS, TRITON_BINARY    see triton_runtime
+  TORCH_DEVICE, TORCH_PRECISION, TORCH_COMPILE                   see torch_runtime
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, get_args
 
 import numpy as np
 
 from export.repository import ModelEntry
+from service.settings import RuntimeKind, Settings
 
-RUNTIMES = ("onnxruntime",)
+RUNTIMES = get_args(RuntimeKind)
 
 
 class Runtime(Protocol):
@@ -33,10 +42,40 @@ class RuntimeUnavailable(RuntimeError):
     """The runtime cannot execute now (e.g. a remote pool is down); the gateway answers 503."""
 
 
-def load_runtime(kind: str, entry: ModelEntry, threads: int) -> Runtime:
-    """Instantiate and warm up the runtime `kind` for `entry`."""
+def load_runtime(
+    kind: str, entry: ModelEntry, threads: int, settings: Settings | None = None, pool: str = ""
+) -> Runtime:
+    """Instantiate and warm up the runtime `kind` for `entry`.
+
+    torch reads its VITSERVE_TORCH_* options from `settings`; triton finds its server in
+    `settings.triton_urls` under the entry's name, its backbone or its `pool`, in that order.
+    """
     if kind == "onnxruntime":
         from service.runtimes.ort import OnnxRuntime
 
         return OnnxRuntime(entry, threads)
+    settings = settings or Settings()
+    if kind == "torch":
+        from service.runtimes.torch_runtime import TorchOptions, TorchRuntime
+
+        options = TorchOptions(settings.torch_device, settings.torch_precision, settings.torch_compile)
+        return TorchRuntime(entry, threads, options)
+    if kind == "triton":
+        from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
+
+        url = settings.triton_url_for(entry.name, entry.backbone, pool)
+        if url is None:
+            raise ValueError(
+                f"{entry.name} runs on the triton runtime but VITSERVE_TRITON_URLS has no URL for it, its "
+                f"backbone {entry.backbone} or its pool {pool or '(none)'}; "
+                f"add e.g. '{entry.backbone}=grpc://HOST:8001'"
+            )
+        target = TritonTarget(
+            url,
+            pool,
+            timeout_s=(settings.triton_timeout_ms or settings.request_timeout_ms) / 1000,
+            connect_timeout_s=settings.triton_connect_timeout_ms / 1000,
+            binary=settings.triton_binary,
+        )
+        return TritonRuntime(entry, target)
     raise ValueError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")

@@ -1,0 +1,43 @@
+"""Session fixtures shared across modules: the digits data set and the models trained on it once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.digits import DigitsData, load_digits_images, train_digits_model
+from support.repos import build_photo_repository
+from support.server import ServerProcess, running_server
+from torch import nn
+
+
+@pytest.fixture(scope="session")
+def digits_data() -> DigitsData:
+    return load_digits_images()
+
+
+@pytest.fixture(scope="session")
+def digits_vit(digits_data: DigitsData) -> nn.Module:
+    return train_digits_model("vit", digits_data)
+
+
+@pytest.fixture(scope="session")
+def digits_swin(digits_data: DigitsData) -> nn.Module:
+    return train_digits_model("swin", digits_data)
+
+
+# --- Service tests (tests/test_service_*.py): the photo repository and one gateway serving it. ---
+
+
+@pytest.fixture(scope="session")
+def photo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shallow global ViT (buckets 224, 384) and windowed Swin (448, 896), exported once per session."""
+    return build_photo_repository(tmp_path_factory.mktemp("photo_repository"))
+
+
+@pytest.fixture(scope="session")
+def photo_server(photo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`vitserve serve` on the photo repository: default settings, routing derived from the repository."""
+    with running_server(tmp_path_factory.mktemp("photo_server"), repository=photo_repository) as server:
+        yield server

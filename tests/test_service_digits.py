@@ -1,0 +1,121 @@
+"""The trained digits models, exported and served: accuracy over HTTP equals PyTorch's on the same images.
+
+Random weights cannot tell a faithful serving pipeline from one that scrambles pixels; a model that
+has learned the digits can. Each held-out digit is quantized to uint8 RGB (as any image file is),
+sent as a PNG, decoded, routed, preprocessed and batched by the gateway; PyTorch classifies the very
+same uint8 images after the same normalization. Predictions must be identical, scores equal.
+The ViT takes the automatic (global) route; the Swin is reached with the `route=windowed` override.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from support.digits import DigitsData, normalize
+from support.repos import DigitsRepository, build_digits_repository
+from support.server import ServerProcess, encode_image, running_server
+from torch import nn
+
+CONCURRENCY = 16
+
+
+@pytest.fixture(scope="module")
+def digits_repository(
+    tmp_path_factory: pytest.TempPathFactory, digits_vit: nn.Module, digits_swin: nn.Module
+) -> DigitsRepository:
+    return build_digits_repository(tmp_path_factory.mktemp("digits"), digits_vit, digits_swin)
+
+
+@pytest.fixture(scope="module")
+def digits_server(
+    digits_repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    with running_server(
+        tmp_path_factory.mktemp("digits_server"),
+        repository=digits_repository.path,
+        routing=digits_repository.routing,
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def digit_pixels(digits_data: DigitsData) -> np.ndarray:
+    """Held-out digits as (N, H, W, 3) uint8: what an image file can carry."""
+    images = digits_data.test_images.permute(0, 2, 3, 1).numpy()
+    return np.round(images * 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def _pytorch_probabilities(model: nn.Module, pixels: np.ndarray) -> np.ndarray:
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    return torch.softmax(model(normalize(images, model.config)).logits, dim=1).numpy()
+
+
+async def _classify_all(url: str, bodies: list[bytes], params: dict[str, str]) -> list[dict]:
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/classify", params=params, content=body, headers={"content-type": "image/png"}
+                )
+                for body in bodies
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * len(bodies)
+    return [a.json() for a in answers]
+
+
+@pytest.mark.parametrize(
+    "family, params, pool",
+    [("vit", {}, "global"), ("swin", {"route": "windowed"}, "windowed")],
+    ids=["vit global route", "swin windowed route"],
+)
+def test_accuracy_over_http_equals_pytorch(
+    request: pytest.FixtureRequest,
+    digits_server: ServerProcess,
+    digits_data: DigitsData,
+    digit_pixels: np.ndarray,
+    family: str,
+    params: dict[str, str],
+    pool: str,
+) -> None:
+    model: nn.Module = request.getfixturevalue(f"digits_{family}")
+    expected = _pytorch_probabilities(model, digit_pixels)
+
+    answers = asyncio.run(
+        _classify_all(digits_server.url, [encode_image(p) for p in digit_pixels], {**params, "top_k": "1"})
+    )
+
+    assert {(a["route"]["model"], a["route"]["pool"], a["route"]["bucket"]) for a in answers} == {
+        (f"digits_{family}", pool, digit_pixels.shape[1])
+    }
+    served = np.array([int(a["predictions"][0]["label"]) for a in answers])
+    labels = digits_data.test_labels.numpy()
+    np.testing.assert_array_equal(served, expected.argmax(axis=1))
+    assert (served == labels).mean() == (expected.argmax(axis=1) == labels).mean() > 0.8
+    np.testing.assert_allclose(
+        [a["predictions"][0]["score"] for a in answers], expected.max(axis=1), atol=1e-4
+    )
+
+
+def test_route_explains_the_digits_routing_file(digits_server: ServerProcess) -> None:
+    """32x32 is 64 tokens at patch 4, the routing file's limit: global; one pixel more is windowed."""
+    small = httpx.get(f"{digits_server.url}/v1/route", params={"width": 32, "height": 32}).json()
+    larger = httpx.get(f"{digits_server.url}/v1/route", params={"width": 33, "height": 32}).json()
+
+    assert (small["model"], small["image_tokens"]) == ("digits_vit", 64)
+    assert (larger["model"], larger["pool"]) == ("digits_swin", "windowed")
+    assert {c["model"] for c in small["candidates"]} == {"digits_vit", "digits_swin"}
+
+
+def test_served_labels_are_the_checkpoint_labels(digits_repository: DigitsRepository) -> None:
+    for backbone in ("digits_vit", "digits_swin"):
+        labels = (Path(digits_repository.path) / f"{backbone}_32" / "labels.txt").read_text().split()
+        assert labels == [str(d) for d in range(10)]

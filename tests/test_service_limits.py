@@ -1,0 +1,160 @@
+"""Limits over HTTP: 413 for too many bytes or pixels, 429 with Retry-After for a full queue, 504 for a
+deadline that passes in the queue, and a client that disconnects while queued is never computed.
+
+Queue states are made deterministic with the batcher's own rule rather than with timing: after a
+batch of more than one request, a request waits the whole max_queue_delay for companions. The server
+here uses a long delay, so once a two-row v2 request has run as one batch ("priming"), the next
+requests provably sit in the queue for seconds, where the test can fill it, let deadlines pass or
+hang up. Whether a request was computed is read from the batch_size histogram.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from support.server import (
+    PNG,
+    SMALL_PNG,
+    Background,
+    ServerProcess,
+    assert_error,
+    assert_serves,
+    encode_image,
+    prime_batch_of_two,
+    running_server,
+    scrape_metrics,
+    v2_infer,
+    wait_until,
+)
+
+ENTRY = "vit_global_224"  # SMALL_PNG (48x64) is routed here
+MAX_QUEUE_SIZE = 2
+QUEUE_DELAY_MS = 2500
+MAX_BODY_BYTES = 2_000_000
+MAX_PIXELS = 4_000_000
+
+
+@pytest.fixture(scope="module")
+def limits_server(
+    photo_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    with running_server(
+        tmp_path_factory.mktemp("limits_server"),
+        repository=photo_repository,
+        max_queue_size=MAX_QUEUE_SIZE,
+        max_queue_delay_ms=QUEUE_DELAY_MS,
+        max_body_bytes=MAX_BODY_BYTES,
+        max_pixels=MAX_PIXELS,
+    ) as server:
+        yield server
+
+
+def _computed(url: str) -> float:
+    """Requests computed so far by ENTRY's batcher."""
+    return scrape_metrics(url).value("vitserve_batch_size_sum", model=ENTRY)
+
+
+def _queued(url: str) -> float:
+    return scrape_metrics(url).value("vitserve_queue_depth", model=ENTRY)
+
+
+def test_body_over_the_byte_limit_is_413(limits_server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{limits_server.url}/v1/classify",
+        content=b"\x89PNG" + bytes(MAX_BODY_BYTES),
+        headers=PNG,
+        timeout=60,
+    )
+
+    assert_error(response, 413, "payload_too_large")
+    assert str(MAX_BODY_BYTES) in response.json()["error"]["message"]
+    assert_serves(limits_server.url)
+
+
+def test_image_over_the_pixel_limit_is_413_before_decoding(limits_server: ServerProcess) -> None:
+    """3000 x 2000 = 6 MP of zeros compresses to a few kB: only the header can reveal the size."""
+    data = encode_image(np.zeros((2000, 3000), np.uint8))
+    assert len(data) < MAX_BODY_BYTES
+
+    response = httpx.post(f"{limits_server.url}/v1/classify", content=data, headers=PNG, timeout=60)
+
+    assert_error(response, 413, "image_too_large")
+    assert "3000x2000" in response.json()["error"]["message"]
+    assert_serves(limits_server.url)
+
+
+def test_full_queue_is_429_with_retry_after_and_the_queued_requests_complete(
+    limits_server: ServerProcess,
+) -> None:
+    url = limits_server.url
+    prime_batch_of_two(url, ENTRY)
+    computed = _computed(url)
+    queued = [Background(url) for _ in range(MAX_QUEUE_SIZE)]
+    wait_until(lambda: _queued(url) == MAX_QUEUE_SIZE, "the queue to fill")
+
+    rejected = httpx.post(f"{url}/v1/classify", content=SMALL_PNG, headers=PNG, timeout=60)
+
+    assert_error(rejected, 429, "queue_full")
+    assert int(rejected.headers["retry-after"]) >= 1
+    assert [q.result().status_code for q in queued] == [200] * MAX_QUEUE_SIZE
+    assert _computed(url) == computed + MAX_QUEUE_SIZE  # the rejected request never ran
+    assert_serves(url)
+
+
+def test_v2_request_with_more_rows_than_the_queue_holds_is_429_in_the_kserve_shape(
+    limits_server: ServerProcess,
+) -> None:
+    url = limits_server.url
+
+    response = v2_infer(url, ENTRY, np.zeros((MAX_QUEUE_SIZE + 1, 3, 224, 224), np.float32))
+
+    assert response.status_code == 429
+    assert response.json() == {"error": response.json()["error"], "code": "queue_full"}
+    assert int(response.headers["retry-after"]) >= 1
+    assert_serves(url)
+
+
+def test_deadline_passing_in_the_queue_is_504_and_never_computed(limits_server: ServerProcess) -> None:
+    url = limits_server.url
+    prime_batch_of_two(url, ENTRY)
+    computed = _computed(url)
+    before = scrape_metrics(url)
+
+    by_query = Background(url, timeout_ms=300)
+    by_header = httpx.post(
+        f"{url}/v1/classify", content=SMALL_PNG, headers={**PNG, "x-request-timeout-ms": "300"}, timeout=60
+    )
+
+    assert_error(by_header, 504, "deadline_exceeded")
+    assert_error(by_query.result(), 504, "deadline_exceeded")
+    delta = scrape_metrics(url) - before
+    assert delta.value("vitserve_requests_total", endpoint="classify", status="504") == 2
+    assert _computed(url) == computed
+    assert_serves(url)
+
+
+def test_client_that_disconnects_while_queued_is_never_computed(limits_server: ServerProcess) -> None:
+    url = limits_server.url
+    prime_batch_of_two(url, ENTRY)
+    computed = _computed(url)
+    before = scrape_metrics(url)
+    request = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {limits_server.port}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(SMALL_PNG)}\r\n\r\n"
+    ).encode() + SMALL_PNG
+
+    with socket.create_connection(("127.0.0.1", limits_server.port)) as client:
+        client.sendall(request)
+        wait_until(lambda: _queued(url) == 1, "the request to be queued")
+    wait_until(lambda: _queued(url) == 0, "the withdrawn request to leave the queue")
+
+    assert_serves(url)  # waits past the queue delay the withdrawn request would have waited
+    delta = scrape_metrics(url) - before
+    assert delta.value("vitserve_requests_total", endpoint="classify", status="499") == 1
+    assert _computed(url) == computed + 1  # only assert_serves' request
+    assert '"level": "error"' not in limits_server.log()  # a hang-up is routine, not a server error

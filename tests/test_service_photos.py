@@ -1,0 +1,234 @@
+"""Real photographs and synthetic large images, classified over HTTP by a running gateway.
+
+Small images must take the global route and large ones the windowed route, exactly as GET /v1/route
+predicts for their size, and every answer must be what the served ONNX model gives for that image:
+the reference decodes and preprocesses in-process (the unit-tested imaging and preprocess modules)
+and runs ONNX Runtime directly. One image is also checked against an independent numpy/Pillow
+reference, so a wrong normalization or channel order shared by both paths would still be caught.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import skimage.data
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from support.server import ServerProcess, encode_image
+
+from export import read_entry
+from service.imaging import decode_image
+from service.preprocess import preprocess
+
+LIMITS = {"max_bytes": 1 << 30, "max_pixels": 1 << 30}
+
+
+def _synthetic(height: int, width: int) -> np.ndarray:
+    """A colour gradient with coarse noise, upscaled: compressible like a photograph, varied in every region."""
+    rng = np.random.default_rng(height * width)
+    small_h, small_w = max(2, height // 16), max(2, width // 16)
+    y, x = np.mgrid[0:small_h, 0:small_w]
+    gradient = np.stack([x / small_w, y / small_h, (x + y) / (small_w + small_h)], axis=-1) * 200
+    small = (gradient + rng.normal(0, 25, (small_h, small_w, 3))).clip(0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _sample_jpeg(name: str) -> bytes:
+    """scikit-learn's sample photographs as their original JPEG files."""
+    return next(Path(f).read_bytes() for f in load_sample_images().filenames if Path(f).name == name)
+
+
+# name -> (encoded image, content type, pool the image must be routed to).
+PHOTOS: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "astronaut 512x512 png": (lambda: encode_image(skimage.data.astronaut()), "image/png", "global"),
+    "coffee 600x400 jpeg": (lambda: encode_image(skimage.data.coffee(), "JPEG"), "image/jpeg", "global"),
+    "camera 512x512 grayscale png": (lambda: encode_image(skimage.data.camera()), "image/png", "global"),
+    "retina 1411x1411 jpeg": (lambda: encode_image(skimage.data.retina(), "JPEG"), "image/jpeg", "windowed"),
+    "hubble 1000x872 jpeg": (
+        lambda: encode_image(skimage.data.hubble_deep_field(), "JPEG"),
+        "image/jpeg",
+        "windowed",
+    ),
+    "china 640x427 jpeg": (lambda: _sample_jpeg("china.jpg"), "image/jpeg", "windowed"),
+    "flower 640x427 jpeg": (lambda: _sample_jpeg("flower.jpg"), "image/jpeg", "windowed"),
+    "synthetic 2048x2048 jpeg": (
+        lambda: encode_image(_synthetic(2048, 2048), "JPEG"),
+        "image/jpeg",
+        "windowed",
+    ),
+    "synthetic 4000x600 png": (lambda: encode_image(_synthetic(600, 4000)), "image/png", "windowed"),
+}
+ROUTE_FIELDS = ("model", "entry", "pool", "bucket", "tokens", "image_tokens", "resize_mode", "reason")
+
+
+@cache
+def _session(artifact: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+
+
+def _run_entry(repository: Path, entry_name: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime on one preprocessed (3, H, W) image of a repository entry."""
+    entry = read_entry(repository / entry_name)
+    logits, embedding = _session(entry.artifact).run(
+        [entry.logits_name, entry.embedding_name], {entry.input_name: pixels[None]}
+    )
+    return {"logits": logits[0], "embedding": embedding[0]}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    return shifted / shifted.sum()
+
+
+@pytest.mark.parametrize("name", list(PHOTOS))
+def test_photo_is_classified_on_the_route_that_v1_route_predicts(
+    name: str, photo_server: ServerProcess, photo_repository: Path
+) -> None:
+    encode, content_type, expected_pool = PHOTOS[name]
+    data = encode()
+    with Image.open(BytesIO(data)) as image:
+        width, height = image.size
+    predicted = httpx.get(f"{photo_server.url}/v1/route", params={"width": width, "height": height}).json()
+
+    response = httpx.post(
+        f"{photo_server.url}/v1/classify",
+        params={"top_k": 3},
+        content=data,
+        headers={"content-type": content_type},
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert predicted["pool"] == expected_pool
+    assert {k: body["route"][k] for k in ROUTE_FIELDS} == {k: predicted[k] for k in ROUTE_FIELDS}
+    assert body["image"] == {"format": content_type.split("/")[1].upper(), "width": width, "height": height}
+    decoded = decode_image(data, **LIMITS, target_side=predicted["bucket"], mode=predicted["resize_mode"])
+    entry = read_entry(photo_repository / predicted["entry"])
+    pixels = preprocess(
+        decoded.pixels,
+        predicted["bucket"],
+        entry.mean,
+        entry.std,
+        predicted["resize_mode"],
+        original_size=decoded.original_size,
+    )
+    probabilities = _softmax(_run_entry(photo_repository, entry.name, pixels)["logits"])
+    top = np.argsort(-probabilities)[:3]
+    assert [p["index"] for p in body["predictions"]] == top.tolist()
+    assert [p["label"] for p in body["predictions"]] == [entry.labels[i] for i in top]
+    np.testing.assert_allclose([p["score"] for p in body["predictions"]], probabilities[top], atol=1e-5)
+
+
+def test_embedding_matches_an_independent_pillow_numpy_reference(
+    photo_server: ServerProcess, photo_repository: Path
+) -> None:
+    """512x512 astronaut -> bucket 384: Pillow bilinear resize, (x/255 - mean)/std, CHW, RGB order."""
+    astronaut = skimage.data.astronaut()
+    response = httpx.post(
+        f"{photo_server.url}/v1/embed",
+        files={"image": ("astronaut.png", encode_image(astronaut), "image/png")},
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["route"]["entry"], body["route"]["resized"]) == ("vit_global_384", [384, 384])
+    entry = read_entry(photo_repository / "vit_global_384")
+    resized = np.asarray(Image.fromarray(astronaut).resize((384, 384), Image.Resampling.BILINEAR))
+    normalized = (resized / 255.0 - np.array(entry.mean)) / np.array(entry.std)
+    reference = _run_entry(photo_repository, entry.name, normalized.transpose(2, 0, 1).astype(np.float32))
+    assert body["dim"] == reference["embedding"].size == len(body["embedding"])
+    np.testing.assert_allclose(body["embedding"], reference["embedding"], atol=1e-4)
+
+
+def test_models_lists_every_entry_ready(photo_server: ServerProcess) -> None:
+    body = httpx.get(f"{photo_server.url}/v1/models").json()
+
+    assert body["ready"] is True
+    assert body["backbones"] == {"swin_windowed": [448, 896], "vit_global": [224, 384]}
+    assert {(m["name"], m["pool"], m["ready"]) for m in body["models"]} == {
+        ("vit_global_224", "global", True),
+        ("vit_global_384", "global", True),
+        ("swin_windowed_448", "windowed", True),
+        ("swin_windowed_896", "windowed", True),
+    }
+    assert all(m["runtime"].startswith("onnxruntime") for m in body["models"])
+
+
+def _astronaut_as(mode: str, fmt: str) -> bytes:
+    """The astronaut at 200x200 in Pillow `mode` ("I;16": 16-bit grayscale), encoded as `fmt`."""
+    image = Image.fromarray(skimage.data.astronaut()).resize((200, 200))
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    buffer = BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+        ("RGBA", "PNG"),
+        ("I;16", "PNG"),
+        ("CMYK", "JPEG"),
+        ("P", "PNG"),
+    ],
+)
+def test_every_accepted_format_and_mode_is_classified(
+    photo_server: ServerProcess, mode: str, fmt: str
+) -> None:
+    response = httpx.post(
+        f"{photo_server.url}/v1/classify",
+        content=_astronaut_as(mode, fmt),
+        headers={"content-type": f"image/{fmt.lower()}"},
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"format": fmt, "width": 200, "height": 200}
+    assert response.json()["route"]["entry"] == "vit_global_224"
+
+
+def test_exif_orientation_decides_the_route_and_the_reported_size(photo_server: ServerProcess) -> None:
+    """A 600x300 JPEG with EXIF orientation 6 (rotate 90) is a 300x600 portrait."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode_image(_synthetic(300, 600), "JPEG", exif=exif.tobytes())
+    predicted = httpx.get(f"{photo_server.url}/v1/route", params={"width": 300, "height": 600}).json()
+
+    response = httpx.post(
+        f"{photo_server.url}/v1/embed", content=data, headers={"content-type": "image/jpeg"}
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"format": "JPEG", "width": 300, "height": 600}
+    assert response.json()["route"]["resized"] == predicted["resized"] == [384, 192]
+
+
+def test_openapi_schema_describes_the_typed_api(photo_server: ServerProcess) -> None:
+    schema = httpx.get(f"{photo_server.url}/openapi.json").json()
+
+    paths = schema["paths"]
+    for path in ("/v1/classify", "/v1/embed", "/v1/route", "/v1/models", "/v2/models/{model}/infer"):
+        assert path in paths
+    classify = paths["/v1/classify"]["post"]
+    assert classify["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ClassifyResponse"
+    )
+    assert {"413", "415", "422", "429", "503", "504"} <= set(classify["responses"])
+    assert {p["name"] for p in classify["parameters"]} >= {"top_k", "model", "route", "bucket", "timeout_ms"}
+    infer_errors = paths["/v2/models/{model}/infer"]["post"]["responses"]["429"]
+    assert infer_errors["content"]["application/json"]["schema"]["$ref"].endswith("V2ErrorBody")
