@@ -4,7 +4,8 @@ Fused mode targets opset 23, where `F.scaled_dot_product_attention` (with its bi
 `attn_mask`) becomes a single ONNX `Attention` node per layer. Tracing runs inside the MATH SDPA
 backend with frozen parameters so masked/windowed attention lowers cleanly (pytorch#141107).
 Unfused mode targets opset 18 for runtimes without the opset-23 op: attention decomposes into
-MatMul/Softmax/MatMul. The batch axis is dynamic; spatial size is fixed per bucket.
+MatMul/Softmax/MatMul. The batch axis is dynamic and unbounded (the entry's max_batch_size is
+Triton's to enforce); spatial size is fixed per bucket.
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ OUTPUT_NAMES = ("logits", "embedding")
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def export_onnx(
-    model: nn.Module, bucket: int, path: Path, *, fused: bool = True, max_batch: int = 64
-) -> None:
+def export_onnx(model: nn.Module, bucket: int, path: Path, *, fused: bool = True) -> None:
     """Write `model` at input size bucket x bucket to `path` (ONNX, external data inlined)."""
     model = model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     in_chans = model.config.in_chans
     example = torch.zeros(2, in_chans, bucket, bucket)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

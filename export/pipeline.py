@@ -6,23 +6,23 @@ repository as it was.
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.precision import PRECISIONS, convert_precision
-from export.repository import ModelEntry, ensure_writable, publish, read_entry, staging
+from export.repository import ModelEntry, ensure_writable, publish, read_entry, remove_created, staging
 from export.torchscript_export import export_pt2, export_torchscript
 from export.triton_config import LABELS_FILENAME, MODEL_FILENAMES, EntrySpec, build_model_config, to_text
 from export.verify import verify_artifact
-from models import create_model
+from models import create_model, estimate_cost
 from models.config import BackboneConfig
 
 FORMATS = ("onnx", "torchscript")
@@ -30,6 +30,8 @@ VERSION = "1"
 # Pixels per batch held roughly constant across buckets: 32 images at 384x384.
 PIXEL_BUDGET = 32 * 384 * 384
 MAX_BATCH_CAP = 32
+# Entry names become directory names that Triton also uses as model names: no separators, not hidden.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,19 @@ def _check_request(request: ExportRequest) -> None:
         raise ExportError(
             "TorchScript exports are fp32; the PyTorch runtime applies fp16/bf16 autocast on GPU"
         )
+    if request.artifact_format == "torchscript" and not request.fused:
+        raise ExportError(
+            "--unfused applies to ONNX only; TorchScript always keeps scaled_dot_product_attention"
+        )
     if request.max_batch_size is not None and request.max_batch_size < 1:
         raise ExportError(f"max batch size must be >= 1, got {request.max_batch_size}")
+    if request.max_queue_delay_us < 0:
+        raise ExportError(f"max queue delay must be >= 0 microseconds, got {request.max_queue_delay_us}")
+    if request.name is not None and not NAME_PATTERN.fullmatch(request.name):
+        raise ExportError(
+            f"entry name {request.name!r} must start with a letter or digit and use only letters, digits, "
+            "'_', '.' and '-' (it becomes a directory and a Triton model name)"
+        )
 
 
 def _build_model(request: ExportRequest) -> nn.Module:
@@ -93,6 +106,19 @@ def _build_model(request: ExportRequest) -> nn.Module:
 
 
 def _write_artifacts(model: nn.Module, request: ExportRequest, bucket: int, version_dir: Path, log) -> None:
+    """Export and verify one bucket; an exporter crash becomes an ExportError naming what was exported."""
+    try:
+        _export_and_verify(model, request, bucket, version_dir, log)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"{request.artifact_format}/{request.precision} export of {request.model} at bucket {bucket} failed "
+            f"({type(exc).__name__}: {exc}); nothing was written"
+        ) from exc
+
+
+def _export_and_verify(model: nn.Module, request: ExportRequest, bucket: int, version_dir: Path, log) -> None:
     target = version_dir / MODEL_FILENAMES[request.artifact_format]
     if request.artifact_format == "torchscript":
         export_torchscript(model, bucket, target)
@@ -114,14 +140,12 @@ def _write_artifacts(model: nn.Module, request: ExportRequest, bucket: int, vers
 
 def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> list[ModelEntry]:
     """Export every bucket of `request`; returns the published entries. Raises ExportError, writing nothing."""
-    from models.cost import estimate_cost
-
     _check_request(request)
     model = _build_model(request)
     config = model.config
     buckets = validate_buckets(config, tuple(request.buckets), request.model)
     root = Path(request.repository)
-    ensure_writable(root)
+    created = ensure_writable(root)
     backbone = request.name or request.model
     staged: list[tuple[str, Path]] = []
     try:
@@ -150,5 +174,6 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
     except BaseException:
         for _, stage in staged:
             shutil.rmtree(stage, ignore_errors=True)
+        remove_created(created)
         raise
     return [read_entry(publish(stage, root, entry)) for entry, stage in staged]

@@ -123,17 +123,38 @@ def read_repository(root: Path) -> list[ModelEntry]:
     return sorted(entries, key=lambda e: (e.backbone, e.bucket))
 
 
-def ensure_writable(root: Path) -> None:
-    """Create the repository if needed and prove it accepts new directories, before any work is done."""
+def ensure_writable(root: Path) -> list[Path]:
+    """Create the repository if needed and prove it accepts new directories, before any work is done.
+
+    Returns the directories it created (deepest first), so a failed export can remove them again
+    and leave the filesystem as it found it.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ExportError(f"model repository {root} is a file, not a directory; choose --repository DIR")
+    created = [path for path in (root, *root.parents) if not path.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f"{STAGING_PREFIX}probe-{uuid.uuid4().hex}"
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
+        remove_created(created)
         raise ExportError(
             f"model repository {root} is not writable ({exc.strerror}); choose --repository DIR"
         ) from exc
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove directories `ensure_writable` created, deepest first, if they are still empty."""
+    for path in created:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 @contextmanager

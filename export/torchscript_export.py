@@ -52,10 +52,14 @@ class _PlainOutputs(nn.Module):
         return logits, embedding
 
 
-def export_pt2(model: nn.Module, bucket: int, path: Path, max_batch: int = 64) -> None:
-    """torch.export the model with a dynamic batch axis and save the ExportedProgram."""
+def export_pt2(model: nn.Module, bucket: int, path: Path) -> None:
+    """torch.export the model with a dynamic, unbounded batch axis and save the ExportedProgram.
+
+    An upper bound would become a runtime guard in the loaded program, failing any batch the
+    entry's max_batch_size (or a runtime padding batches to a power of two) allows beyond it.
+    """
     example = torch.zeros(2, model.config.in_chans, bucket, bucket)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(_PlainOutputs(_frozen(model)), (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))

@@ -19,6 +19,15 @@ def _buckets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from exc
 
 
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE, got {text!r}")
+    return field.strip(), yaml.safe_load(value)
+
+
 def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p = sub.add_parser("export", help="export a model into the model repository (one entry per bucket)")
     p.add_argument("--model", required=True, help="registered model name (see `vitserve models`)")
@@ -34,6 +43,15 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument(
         "--unfused", action="store_true", help="opset-18 graph with plain MatMul/Softmax attention"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field of --model (YAML value, e.g. depth=6 or depths=[2,2,6,2]); repeatable",
     )
 
 
@@ -51,6 +69,7 @@ def _run_export(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         fused=not args.unfused,
+        overrides=dict(args.overrides),
     )
     try:
         entries = export_model(request)
