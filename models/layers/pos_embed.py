@@ -114,9 +114,10 @@ def build_pos_embed(kind: str, dim: int, base_grid: tuple[int, int], num_prefix_
 
 
 class RotaryEmbedding2D(nn.Module):
-    """2D rotary position embedding: half of each head's channels rotate with the row, half with the column.
+    """2D rotary position embedding: half of each head's rotation pairs turn with the row, half with the column.
 
-    Rotations use the rotate-half pairing (channel i with i + d/2) inside each half.
+    Pairs use the rotate-half convention over the whole head (channel j with j + d/2); pairs starting
+    in [0, d/4) turn by row angles and pairs starting in [d/4, d/2) by column angles.
     """
 
     def __init__(self, head_dim: int, theta: float = 100.0):
