@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Annotated
 
 import numpy as np
@@ -191,6 +192,14 @@ def _encode_response(entry: ModelEntry, request: V2InferRequest, outputs: dict[s
     )
 
 
+def _protocol_deadline(request: V2InferRequest, deadline: float) -> float:
+    """The v2 `timeout` parameter (microseconds, as tritonclient and Triton use it) tightens the deadline."""
+    timeout_us = request.parameters.get("timeout")
+    if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool) and timeout_us > 0:
+        return min(deadline, time.monotonic() + timeout_us / 1e6)
+    return deadline
+
+
 async def _submit_rows(batcher: Batcher, pixels: np.ndarray, request_deadline: float) -> list[dict]:
     """Submit every row; when one fails (queue full, deadline), withdraw the rows still queued.
 
@@ -223,7 +232,7 @@ async def infer(
         parsed, binary = _parse_infer(body, request.headers.get(HEADER_LENGTH))
         pixels = _input_array(parsed, binary, entry)
         rows = await unless_disconnected(
-            request, _submit_rows(state.batcher(entry), pixels, request_deadline)
+            request, _submit_rows(state.batcher(entry), pixels, _protocol_deadline(parsed, request_deadline))
         )
         outputs = {key: np.stack([r[key] for r in rows]) for key in ("logits", "embedding")}
         return _encode_response(entry, parsed, outputs)

@@ -42,7 +42,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+# run_batch(batch, deadline): `deadline` is the earliest time.monotonic() deadline among the batch's
+# requests (None when none has one), so remote runtimes can pass it on as the protocol's timeout.
+RunBatch = Callable[[np.ndarray, float | None], Mapping[str, np.ndarray]]
 Result = dict[str, np.ndarray]
 # Weight of the newest batch in the moving average behind Retry-After estimates.
 LATENCY_SMOOTHING = 0.2
@@ -406,13 +408,13 @@ class Batcher:
         task.add_done_callback(self._batches.discard)
 
     def _compute(
-        self, buffer: np.ndarray, n: int, pixels: list[np.ndarray] | None
+        self, buffer: np.ndarray, n: int, pixels: list[np.ndarray] | None, deadline: float | None
     ) -> tuple[Mapping[str, Any], float]:
         """Executor side: fill the rows if not staged, run the batch, check its outputs."""
         if pixels is not None:
             _fill_rows(buffer, pixels)
         start = time.perf_counter()
-        outputs = self._run_batch(buffer[:n])
+        outputs = self._run_batch(buffer[:n], deadline)
         seconds = time.perf_counter() - start
         for name, value in outputs.items():
             if np.shape(value)[:1] != (n,):
@@ -431,9 +433,10 @@ class Batcher:
             for request in requests:
                 self._observe_queue(started - request.enqueued_at)
             self._observe_batch(n)
+        deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
         try:
             outputs, seconds = await self._loop.run_in_executor(
-                self._executor, self._compute, buffer, n, pixels
+                self._executor, self._compute, buffer, n, pixels, deadline
             )
         except Exception as exc:
             message = (

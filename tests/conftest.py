@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from torch import nn
+
 from support.digits import DigitsData, load_digits_images, train_digits_model
 from support.repos import build_photo_repository
 from support.server import ServerProcess, running_server
-from torch import nn
 
 
 @pytest.fixture(scope="session")

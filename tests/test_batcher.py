@@ -62,7 +62,7 @@ class RowSums:
         self.threads: set[int] = set()
         self.started = threading.Event()
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         self.threads.add(threading.get_ident())
         ids = [int(v) for v in batch[:, 0, 0, 0]]
         self.batches.append(ids)
@@ -270,7 +270,9 @@ async def test_failing_batch_fails_only_its_requests_and_service_continues() -> 
 
 @async_test
 async def test_outputs_without_a_row_per_request_fail_the_batch_with_a_clear_message() -> None:
-    batcher = make(lambda batch: {"logits": np.zeros((1, 10))}, max_batch_size=4, max_queue_delay_s=0.05)
+    batcher = make(
+        lambda batch, deadline: {"logits": np.zeros((1, 10))}, max_batch_size=4, max_queue_delay_s=0.05
+    )
     outcomes = await asyncio.gather(*(batcher.submit(image(i)) for i in range(3)), return_exceptions=True)
     assert all(isinstance(o, BatchError) and "expected first dimension" in str(o) for o in outcomes)
     await batcher.close()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.digits import DigitsData, accuracy, normalize
 from torch import nn
 
 from models import load_checkpoint, save_checkpoint
+from support.digits import DigitsData, accuracy, normalize
 
 MIN_ACCURACY = 0.9
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from export import ExportRequest, ModelEntry, export_model
 from models import save_checkpoint
-from tests.support.digits import DigitsData, digits_model_spec, normalize
+from support.digits import DigitsData, digits_model_spec, normalize
 
 BUCKET = 32
 FAMILIES = ("vit", "swin")

@@ -22,7 +22,7 @@ import export.verify
 from export import ExportError, ExportRequest, VerificationError, export_model, read_entry, read_repository
 from models import build_model, save_checkpoint
 from service.cli import main
-from tests.support.digits import digits_config
+from support.digits import digits_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VIT = "vit_tiny_patch16_224"

@@ -7,6 +7,7 @@ documented in service/runtimes.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from service.runtimes.ort import OnnxRuntime
 from service.runtimes.torch_runtime import TorchOptions, TorchRuntime, padded_batch
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
 from service.settings import Settings
-from tests.support.digits import DIGITS_MODELS, digits_config, load_digits_images, normalize
-from tests.support.server import ServerProcess, free_port, start_server
+from support.digits import DIGITS_MODELS, digits_config, load_digits_images, normalize
+from support.server import ServerProcess, free_port, start_server
 
 BUCKET = 32
 IMAGES = 12
@@ -201,3 +202,11 @@ def test_malformed_runtime_settings_are_rejected(field, value, message):
 def test_triton_url_must_name_scheme_host_and_port():
     with pytest.raises(ValueError, match="grpc://HOST:PORT or http://HOST:PORT"):
         TritonTarget("127.0.0.1:8001", "global")
+
+
+def test_triton_timeout_is_what_is_left_of_the_batch_deadline(onnx_entry):
+    runtime = TritonRuntime(onnx_entry, TritonTarget("http://127.0.0.1:9", "global", timeout_s=30))
+    assert runtime._timeout_s(None) == 30
+    left = runtime._timeout_s(time.monotonic() + 2.0)
+    assert 1.0 < left <= 2.0
+    assert runtime._timeout_s(time.monotonic() - 5.0) == pytest.approx(0.001)

@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import numpy as np
+
 from support.server import ServerProcess, encode_image, scrape_metrics
 
 # Image sizes routed to the two global buckets (long side <= 224 -> 224, <= 384 -> 384).

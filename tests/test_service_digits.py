@@ -17,10 +17,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from support.digits import DigitsData, normalize
-from support.repos import DigitsRepository, build_digits_repository
-from support.server import ServerProcess, encode_image, running_server
 from torch import nn
+
+from support.digits import DigitsData, normalize
+from support.repos import DIGITS_MAX_GLOBAL_TOKENS, DigitsRepository, build_digits_repository
+from support.server import ServerProcess, encode_image, running_server
 
 CONCURRENCY = 16
 
@@ -106,11 +107,11 @@ def test_accuracy_over_http_equals_pytorch(
 
 
 def test_route_explains_the_digits_routing_file(digits_server: ServerProcess) -> None:
-    """32x32 is 64 tokens at patch 4, the routing file's limit: global; one pixel more is windowed."""
+    """A 32x32 digit is exactly the routing file's token limit: global; one pixel more is windowed."""
     small = httpx.get(f"{digits_server.url}/v1/route", params={"width": 32, "height": 32}).json()
     larger = httpx.get(f"{digits_server.url}/v1/route", params={"width": 33, "height": 32}).json()
 
-    assert (small["model"], small["image_tokens"]) == ("digits_vit", 64)
+    assert (small["model"], small["image_tokens"]) == ("digits_vit", DIGITS_MAX_GLOBAL_TOKENS)
     assert (larger["model"], larger["pool"]) == ("digits_swin", "windowed")
     assert {c["model"] for c in small["candidates"]} == {"digits_vit", "digits_swin"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+
 from support.server import PNG, SMALL_PNG, ServerProcess, assert_error, assert_serves, encode_image
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
 from support.server import (
     PNG,
     SMALL_PNG,

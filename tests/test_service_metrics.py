@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+
 from support.server import MetricSamples, ServerProcess, encode_image, labels, scrape_metrics
 
 ENTRIES = ("vit_global_224", "vit_global_384", "swin_windowed_448", "swin_windowed_896")

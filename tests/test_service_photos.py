@@ -21,11 +21,11 @@ import pytest
 import skimage.data
 from PIL import Image
 from sklearn.datasets import load_sample_images
-from support.server import ServerProcess, encode_image
 
 from export import read_entry
 from service.imaging import decode_image
 from service.preprocess import preprocess
+from support.server import ServerProcess, encode_image
 
 LIMITS = {"max_bytes": 1 << 30, "max_pixels": 1 << 30}
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import httpx
+
 from support.server import (
     PNG,
     SMALL_PNG,

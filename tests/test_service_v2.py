@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from support.server import ServerProcess
 from tritonclient.utils import InferenceServerException
 
 from export import read_entry
+from support.server import ServerProcess
 
 MODEL = "vit_global_224"
 

@@ -44,8 +44,8 @@ from models import build_model, save_checkpoint
 from service.preprocess import preprocess
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
-from tests.support.digits import DIGITS_MODELS, digits_config, load_digits_images
-from tests.support.server import ServerProcess, free_port, start_server
+from support.digits import DIGITS_MODELS, digits_config, load_digits_images
+from support.server import ServerProcess, free_port, start_server
 
 BUCKET = 32
 IMAGES = 8

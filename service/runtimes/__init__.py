@@ -29,8 +29,12 @@ class Runtime(Protocol):
 
     entry: ModelEntry
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """(B, 3, H, W) float32 -> {"logits": (B, C), "embedding": (B, D)}."""
+    def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """(B, 3, H, W) float32 -> {"logits": (B, C), "embedding": (B, D)}.
+
+        `deadline` (time.monotonic()) is the batch's earliest request deadline: remote runtimes send
+        it as the protocol's timeout; local ones cannot stop a started batch and ignore it.
+        """
         ...
 
     def describe(self) -> str:

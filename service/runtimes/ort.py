@@ -36,7 +36,7 @@ class OnnxRuntime:
         self._outputs = [entry.logits_name, entry.embedding_name]
         self.run(np.zeros((1, *entry.input_shape), dtype=np.float32))
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         logits, embedding = self.session.run(self._outputs, {self._input: batch})
         return {"logits": logits, "embedding": embedding}
 

@@ -170,7 +170,7 @@ class TorchRuntime:
         padded[:n].copy_(rows)
         return padded
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         n = len(batch)
         with self._context():
             logits, embedding = self._module(self._inputs(batch))

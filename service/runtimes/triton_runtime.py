@@ -14,7 +14,8 @@ Protocols, chosen by the URL scheme:
                     ties a connection to the thread that opened it, so each worker thread keeps its own
                     client, and with it one keep-alive connection.
 
-Every call carries `timeout_s` twice: as the protocol's `timeout` parameter (microseconds, so Triton
+Every call carries its timeout (`timeout_s`, shortened to what is left of the batch's earliest request
+deadline) twice: as the protocol's `timeout` parameter (microseconds, so Triton
 can drop a request that waited too long) and as the client-side deadline. Connecting is bounded by
 `connect_timeout_s`, so a dead pool fails fast. Failures that mean "the pool cannot serve now"
 (refused, reset or closed connections, timeouts, gRPC UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED,
@@ -25,6 +26,7 @@ answers with 503; other server errors raise RuntimeError (500) with the server's
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from http.client import HTTPException
 from typing import Any
@@ -45,6 +47,9 @@ UNAVAILABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "S
 UNAVAILABLE_HTTP = {"429", "502", "503", "504"}
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 RECONNECT_BACKOFF_MS = 1000
+
+
+MIN_TIMEOUT_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,15 @@ class TritonRuntime:
             self._http.client = client
         return client
 
-    def _infer(self, batch: np.ndarray) -> Any:
-        timeout_us = int(self.target.timeout_s * 1e6)
+    def _timeout_s(self, deadline: float | None) -> float:
+        """The configured timeout, shortened to what is left of the batch's deadline (at least 1 ms)."""
+        if deadline is None:
+            return self.target.timeout_s
+        return min(self.target.timeout_s, max(deadline - time.monotonic(), MIN_TIMEOUT_S))
+
+    def _infer(self, batch: np.ndarray, deadline: float | None) -> Any:
+        timeout_s = self._timeout_s(deadline)
+        timeout_us = int(timeout_s * 1e6)
         data = np.ascontiguousarray(batch, dtype=self._dtype)
         if self._grpc is not None:
             tensor = triton_grpc.InferInput(self.entry.input_name, list(data.shape), self._datatype)
@@ -127,7 +139,7 @@ class TritonRuntime:
                 [tensor],
                 outputs=outputs,
                 timeout=timeout_us,
-                client_timeout=self.target.timeout_s,
+                client_timeout=timeout_s,
             )
         binary = self.target.binary
         tensor = triton_http.InferInput(self.entry.input_name, list(data.shape), self._datatype)
@@ -138,9 +150,9 @@ class TritonRuntime:
     def _where(self) -> str:
         return f"pool {self.target.pool} at {self.target.url} (model {self.entry.name})"
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         try:
-            result = self._infer(batch)
+            result = self._infer(batch, deadline)
         except InferenceServerException as exc:
             status = str(exc.status())
             if status in UNAVAILABLE_GRPC or status in UNAVAILABLE_HTTP:

@@ -55,7 +55,7 @@ PHOTO_WINDOWED = Backbone(
     (448, 896),
     {"depths": (1, 1), "num_heads": (2, 4), "embed_dim": 32},
 )
-# Digit images are 32 x 32 = 64 tokens at the ViT's patch 4: this limit routes them to global attention.
+# A 32 x 32 digit image at the ViT's patch size: this limit routes digits to global attention.
 DIGITS_MAX_GLOBAL_TOKENS = (DIGITS_IMG_SIZE // DIGITS_MODELS["vit"][1]["patch_size"]) ** 2
 
 
