@@ -15,7 +15,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from export import ExportRequest, export_model, read_entry
+from export import read_entry
 from export.repository import ModelEntry
 from models import build_model, save_checkpoint
 from service.runtimes import RuntimeUnavailable, load_runtime
@@ -24,6 +24,7 @@ from service.runtimes.torch_runtime import TorchOptions, TorchRuntime, padded_ba
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
 from service.settings import Settings
 from support.digits import DIGITS_MODELS, digits_config, load_digits_images, normalize
+from support.repos import Backbone
 from support.server import ServerProcess, free_port, start_server
 
 BUCKET = 32
@@ -54,16 +55,7 @@ def repository(tmp_path_factory) -> Path:
         model = build_model(digits_config("vit", BUCKET))
     checkpoint = save_checkpoint(model, root.parent / "vit_digits.safetensors")
     for artifact_format, name in (("onnx", "vit_digits"), ("torchscript", "vit_digits_ts")):
-        request = ExportRequest(
-            model=arch,
-            repository=root,
-            buckets=(BUCKET,),
-            checkpoint=checkpoint,
-            artifact_format=artifact_format,
-            name=name,
-            overrides=overrides,
-        )
-        export_model(request, log=lambda _: None)
+        Backbone(name, arch, (BUCKET,), overrides).export(root, checkpoint, artifact_format)
     return root
 
 

@@ -38,13 +38,14 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from export import ExportRequest, export_model, read_entry
+from export import read_entry
 from export.repository import ModelEntry
 from models import build_model, save_checkpoint
 from service.preprocess import preprocess
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
 from support.digits import DIGITS_MODELS, digits_config, load_digits_images
+from support.repos import Backbone
 from support.server import ServerProcess, free_port, start_server
 
 BUCKET = 32
@@ -64,15 +65,7 @@ def repository(tmp_path_factory) -> Path:
             torch.manual_seed(0)
             model = build_model(digits_config(family, BUCKET))
         checkpoint = save_checkpoint(model, root.parent / f"{family}.safetensors")
-        request = ExportRequest(
-            model=arch,
-            repository=root,
-            buckets=(BUCKET,),
-            checkpoint=checkpoint,
-            name=f"{family}_digits",
-            overrides=overrides,
-        )
-        export_model(request, log=lambda _: None)
+        Backbone(f"{family}_digits", arch, (BUCKET,), overrides).export(root, checkpoint)
     return root
 
 

@@ -33,7 +33,7 @@ class Backbone:
     buckets: tuple[int, ...]
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    def export(self, repository: Path, checkpoint: Path | None = None) -> None:
+    def export(self, repository: Path, checkpoint: Path | None = None, artifact_format: str = "onnx") -> None:
         request = ExportRequest(
             model=self.model,
             repository=repository,
@@ -41,6 +41,7 @@ class Backbone:
             name=self.name,
             overrides=self.overrides,
             checkpoint=checkpoint,
+            artifact_format=artifact_format,
         )
         export_model(request, log=lambda _: None)
 
