@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
@@ -31,6 +32,34 @@ from service.state import ServingState
 router = APIRouter(prefix="/v1", tags=["v1"])
 ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 413, 415, 422, 429, 503, 504)}
 Pool = Literal["global", "windowed"]
+
+
+@dataclass(frozen=True)
+class RouteOverrides:
+    """What a request forces instead of the automatic routing decision."""
+
+    model: str | None = None
+    pool: Pool | None = None
+    bucket: int | None = None
+
+    def route(self, state: ServingState, height: int, width: int) -> Route:
+        model = self.model
+        if self.pool is not None and model is None:
+            model = {pool: backbone for backbone, pool in state.router.pools.items()}[self.pool]
+        return state.router.route(height, width, override_model=model, override_bucket=self.bucket)
+
+
+def route_overrides(
+    model: Annotated[str | None, Query(description="Force this backbone (see /v1/models).")] = None,
+    pool: Annotated[
+        Pool | None, Query(alias="route", description="Force the global or windowed pool.")
+    ] = None,
+    bucket: Annotated[int | None, Query(gt=0, description="Force this resolution bucket.")] = None,
+) -> RouteOverrides:
+    return RouteOverrides(model, pool, bucket)
+
+
+Overrides = Annotated[RouteOverrides, Depends(route_overrides)]
 
 
 class RoutedImage:
@@ -63,16 +92,12 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
     )
 
 
-def _prepare(
-    state: ServingState, data: bytes, model: str | None, pool: Pool | None, bucket: int | None
-) -> RoutedImage:
+def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> RoutedImage:
     """Probe, route, decode and preprocess in one worker-thread hop."""
     settings = state.settings
     started = time.perf_counter()
     header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
-    if pool is not None and model is None:
-        model = {p: m for m, p in state.router.pools.items()}[pool]
-    route = state.router.route(header.height, header.width, override_model=model, override_bucket=bucket)
+    route = overrides.route(state, header.height, header.width)
     entry = state.entry_for(route.model, route.bucket)
     decoded = decode_image(
         header,
@@ -118,15 +143,15 @@ async def _image_bytes(request: Request, state: ServingState) -> bytes:
 
 
 async def _run(
-    request: Request, state: ServingState, endpoint: str, model, pool, bucket, request_deadline: float
-) -> tuple[RoutedImage, dict[str, np.ndarray], float]:
+    request: Request, state: ServingState, endpoint: str, overrides: RouteOverrides, request_deadline: float
+) -> tuple[RoutedImage, dict[str, np.ndarray]]:
     """Shared path of classify and embed: read, prepare off the loop, batch, return outputs and timings."""
     metrics = state.metrics
     with observed(metrics, endpoint) as record:
         started = time.perf_counter()
         data = await _image_bytes(request, state)
         loop = request.app.state.loop
-        routed = await loop.run_in_executor(state.cpu_pool, _prepare, state, data, model, pool, bucket)
+        routed = await loop.run_in_executor(state.cpu_pool, _prepare, state, data, overrides)
         record.route, record.model = routed.route.pool, routed.route.model
         metrics.route_decisions.labels(routed.route.pool, str(routed.route.bucket)).inc()
         metrics.preprocess_duration.labels(routed.route.pool).observe(
@@ -139,16 +164,11 @@ async def _run(
         finished = time.perf_counter()
         routed.timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
         routed.timings["total_ms"] = (finished - started) * 1e3
-        return routed, outputs, finished
+        return routed, outputs
 
 
 def _image_info(decoded: DecodedImage) -> dict:
     return {"format": decoded.format, "width": decoded.original_size[0], "height": decoded.original_size[1]}
-
-
-ModelQuery = Annotated[str | None, Query(description="Force this backbone (see /v1/models).")]
-PoolQuery = Annotated[Pool | None, Query(alias="route", description="Force the global or windowed pool.")]
-BucketQuery = Annotated[int | None, Query(gt=0, description="Force this resolution bucket.")]
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
@@ -156,13 +176,11 @@ async def classify(
     request: Request,
     state: Annotated[ServingState, Depends(ready_state)],
     request_deadline: Annotated[float, Depends(deadline)],
+    overrides: Overrides,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="Labels to return.")] = None,
-    model: ModelQuery = None,
-    pool: PoolQuery = None,
-    bucket: BucketQuery = None,
 ) -> ClassifyResponse:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
-    routed, outputs, _ = await _run(request, state, "classify", model, pool, bucket, request_deadline)
+    routed, outputs = await _run(request, state, "classify", overrides, request_deadline)
     logits = outputs["logits"].astype(np.float64)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -186,12 +204,10 @@ async def embed(
     request: Request,
     state: Annotated[ServingState, Depends(ready_state)],
     request_deadline: Annotated[float, Depends(deadline)],
-    model: ModelQuery = None,
-    pool: PoolQuery = None,
-    bucket: BucketQuery = None,
+    overrides: Overrides,
 ) -> EmbedResponse:
     """The pooled embedding of an image (same input as /v1/classify)."""
-    routed, outputs, _ = await _run(request, state, "embed", model, pool, bucket, request_deadline)
+    routed, outputs = await _run(request, state, "embed", overrides, request_deadline)
     vector = outputs["embedding"].astype(np.float32)
     return EmbedResponse(
         embedding=vector.tolist(),
@@ -207,15 +223,11 @@ async def explain_route(
     state: Annotated[ServingState, Depends(ready_state)],
     width: Annotated[int, Query(gt=0, le=1_000_000)],
     height: Annotated[int, Query(gt=0, le=1_000_000)],
-    model: ModelQuery = None,
-    pool: PoolQuery = None,
-    bucket: BucketQuery = None,
+    overrides: Overrides,
 ) -> RouteResponse:
     """The routing decision for an image size and the cost estimates behind it; runs no model."""
     with observed(state.metrics, "route") as record:
-        if pool is not None and model is None:
-            model = {p: m for m, p in state.router.pools.items()}[pool]
-        route = state.router.route(height, width, override_model=model, override_bucket=bucket)
+        route = overrides.route(state, height, width)
         record.route, record.model = route.pool, route.model
         info = _route_info(route, state.entry_for(route.model, route.bucket))
         return RouteResponse(
