@@ -18,7 +18,7 @@ WINDOWED_MODEL ?= swin_tiny_patch4_window7_224
 WINDOWED_BUCKETS ?= 448,672,896,1344
 PYTEST_ARGS ?=
 
-.PHONY: install test lint serve export bench clean mlserver-env
+.PHONY: install test lint serve export bench clean mlserver-env tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ $(MLSERVER_STAMP):
 
 mlserver-env: $(MLSERVER_STAMP)
 
+# promtool (Debian's prometheus package) checks the deploy rules; kubectl with kustomize ships with the machine image.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
+
 $(REPOSITORY_STAMP): | $(STAMP)
 	$(BIN)/vitserve export --model $(GLOBAL_MODEL) --name vit_global --buckets $(GLOBAL_BUCKETS) --repository $(REPOSITORY)
 	$(BIN)/vitserve export --model $(WINDOWED_MODEL) --name swin_windowed --buckets $(WINDOWED_BUCKETS) --repository $(REPOSITORY)
@@ -48,7 +53,7 @@ export: $(REPOSITORY_STAMP)
 serve: $(STAMP) $(REPOSITORY_STAMP)
 	$(BIN)/vitserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(MLSERVER_STAMP)
+test: $(STAMP) $(MLSERVER_STAMP) tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(STAMP)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     torch_compile: Literal["off", "on", "cuda-graphs"] = Field(
         "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
     )
+    remote_concurrency: int = Field(
+        4, ge=1, description="Batches in flight per pool on the triton runtime (local runtimes run one)."
+    )
     models: str = Field("", description="Comma-separated entries to serve (pool role); empty serves all.")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference session; 0 = all cores.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")

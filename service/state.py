@@ -86,11 +86,8 @@ class ServingState:
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
         self.batchers = BatcherGroup(self.metrics)
-        # One inference thread per pool: buckets of a pool take turns instead of splitting the cores.
-        self.inference_pools = {
-            pool: ThreadPoolExecutor(1, thread_name_prefix=f"infer-{pool}") for pool in ("global", "windowed")
-        }
         for entry in entries:
+            concurrency = self._concurrency(entry)
             self.batchers.add(
                 self.runtimes[entry.name].run,
                 model=entry.name,
@@ -106,10 +103,24 @@ class ServingState:
                 max_queue_size=settings.max_queue_size,
                 tokens_per_item=max(1, entry.tokens),
                 max_batch_tokens=settings.max_batch_tokens,
-                executor=self.inference_pools[self.pool_of(entry)],
+                max_concurrent_batches=concurrency,
+                executor=self._executor(self.pool_of(entry), concurrency),
             )
             self.metrics.model_ready.labels(entry.name).set(1)
         self.ready = True
+
+    def _concurrency(self, entry: ModelEntry) -> int:
+        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
+        return self.settings.remote_concurrency if remote else 1
+
+    def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
+        """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
+        instead of splitting them, remote ones share the pool's in-flight budget."""
+        key = f"{pool}-{concurrency}"
+        if key not in self.inference_pools:
+            self.inference_pools[key] = ThreadPoolExecutor(concurrency, thread_name_prefix=f"infer-{key}")
+        return self.inference_pools[key]
 
     def pool_of(self, entry: ModelEntry) -> str:
         """`global` for global-attention backbones, `windowed` for every other attention kind."""

@@ -1,0 +1,810 @@
+"""deploy/ validated offline with the real tools: every overlay builds with `kubectl kustomize`, the built-in
+kinds pass `kubernetes-validate --strict`, the manifests agree with the code they deploy (Settings fields,
+registered metrics and labels, the Dockerfile's repository and user), the autoscaling queries and the
+PrometheusRule parse and compute what they claim under `promtool test rules`.
+
+No tool is skipped: a missing one fails the test with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from models import estimate_cost
+from models.registry import get_config
+from service.metrics import Metrics
+from service.settings import Settings
+from service.state import GLOBAL_ATTENTION
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KEDA_OVERLAYS = ("cpu", "gpu")
+HPA_OVERLAYS = ("cpu-hpa", "gpu-hpa")
+OVERLAYS = KEDA_OVERLAYS + HPA_OVERLAYS
+GPU_OVERLAYS = ("gpu", "gpu-hpa")
+# Custom resources: no schema in kubernetes-validate, their fields are checked here instead.
+CRD_GROUPS = {"keda.sh", "monitoring.coreos.com"}
+# The oldest Kubernetes the manifests target, and the newest schema the installed package ships.
+OLDEST_KUBERNETES = "1.30.0"
+NAMESPACE = "vitserve"
+# Labels Prometheus Operator attaches to every target scraped through a ServiceMonitor.
+OPERATOR_TARGET_LABELS = frozenset(
+    {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
+)
+HEALTH = {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+INSTALL = {
+    "kubectl": "the machine image's apt package `kubectl` (kubectl with kustomize v5)",
+    "promtool": "apt-get install -y --no-install-recommends prometheus",
+}
+
+
+# --- tools -------------------------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not on PATH; `make test` installs it ({INSTALL[name]})")
+    return path
+
+
+def run(args: list[str], cwd: Path | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def kubernetes_validate():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("kubernetes-validate is not installed; `make test` installs it (the dev extra)")
+    return kubernetes_validate
+
+
+# --- the built manifests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Build:
+    """One `kubectl kustomize` output, with look-ups by kind and by the pods a selector picks."""
+
+    overlay: str
+    docs: tuple[dict, ...]
+
+    def of(self, kind: str) -> list[dict]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict:
+        found = [d for d in self.of(kind) if d["metadata"]["name"] == name]
+        assert len(found) == 1, f"{self.overlay}: expected one {kind} {name}, found {len(found)}"
+        return found[0]
+
+    def deployments_selected(self, selector: dict[str, str]) -> list[dict]:
+        return [d for d in self.of("Deployment") if selects(selector, pod_labels(d))]
+
+    def services_selected(self, selector: dict[str, str]) -> list[dict]:
+        return [s for s in self.of("Service") if selects(selector, s["metadata"].get("labels", {}))]
+
+
+@cache
+def build(overlay: str) -> Build:
+    out = run([tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay)])
+    return Build(overlay, tuple(d for d in yaml.safe_load_all(out) if d))
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(deployment: dict) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def pod_spec(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+def containers(deployment: dict, init: bool = False) -> list[dict]:
+    spec = pod_spec(deployment)
+    return spec["containers"] + (spec.get("initContainers", []) if init else [])
+
+
+def is_vitserve(container: dict) -> bool:
+    return container["image"].split(":")[0] == "vitserve" and container.get("args") == ["serve"]
+
+
+def named_port(container: dict, name: str) -> int | None:
+    return next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == name), None)
+
+
+def flag(container: dict, name: str) -> str | None:
+    """The value of `--name=value` among the container's args."""
+    return next((a.split("=", 1)[1] for a in container.get("args", []) if a.startswith(f"--{name}=")), None)
+
+
+def container_env(deployment: dict, container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet resolves it (values and downward-API metadata)."""
+    metadata = deployment["spec"]["template"]["metadata"]
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+            continue
+        path = item["valueFrom"]["fieldRef"]["fieldPath"]
+        match = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
+        assert match, f"{container['name']}: {item['name']} reads {path}, which this test cannot resolve"
+        source, key = match.groups()
+        assert key in metadata.get(source, {}), f"{item['name']} reads pod {source}[{key!r}], which is unset"
+        env[item["name"]] = metadata[source][key]
+    return env
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """Settings from exactly these VITSERVE_* variables (the test process's own environment cleared)."""
+    fields = {}
+    for name, value in env.items():
+        if name.startswith("VITSERVE_"):
+            field = name.removeprefix("VITSERVE_").lower()
+            assert field in Settings.model_fields, f"{name} is not a field of service.settings.Settings"
+            fields[field] = value
+    return Settings(**fields)
+
+
+@pytest.fixture(autouse=True)
+def _no_vitserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("VITSERVE_")]:
+        monkeypatch.delenv(name)
+
+
+def cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+# --- what the manifests must agree with --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    pool: str
+    max_request_tokens: int
+
+
+@cache
+def image_backbones() -> dict[str, Backbone]:
+    """The backbones the Dockerfile exports into /models, and the pool the router sends each to."""
+    text = (ROOT / "Dockerfile").read_text()
+    found = re.findall(r"vitserve export --model (\S+) --name (\S+) --buckets (\S+)", text)
+    assert found, "the Dockerfile exports no named backbone into /models"
+    backbones = {}
+    for model, name, buckets in found:
+        kinds = tuple(dict.fromkeys(get_config(model).attention_kinds))
+        largest = max(int(b) for b in buckets.split(","))
+        pool = "global" if kinds == GLOBAL_ATTENTION else "windowed"
+        backbones[name] = Backbone(name, pool, estimate_cost(model, largest, largest).tokens)
+    return backbones
+
+
+def image_uid() -> int:
+    match = re.search(r"useradd\b.*--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    assert match, "the Dockerfile creates no user with a fixed --uid"
+    return int(match.group(1))
+
+
+@cache
+def registered_series() -> dict[str, frozenset[str]]:
+    """Every series name service.metrics.Metrics exports, with its label names.
+
+    prometheus_client has no public accessor for a metric's label names, hence `_labelnames`.
+    """
+    metrics = Metrics()
+    wrappers = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    families = {family.name for family in metrics.registry.collect()}
+    assert {w.describe()[0].name for w in wrappers} == families, "Metrics holds metrics outside its registry"
+    series = {}
+    for wrapper in wrappers:
+        family = wrapper.describe()[0]
+        labels = frozenset(wrapper._labelnames)
+        if family.type == "counter":
+            series[f"{family.name}_total"] = labels
+        elif family.type == "histogram":
+            series[f"{family.name}_bucket"] = labels | {"le"}
+            series[f"{family.name}_sum"] = series[f"{family.name}_count"] = labels
+        else:
+            series[family.name] = labels
+    return series
+
+
+def target_labels(b: Build) -> frozenset[str]:
+    """Labels every scraped series carries besides its own: the operator's and the relabelings'."""
+    relabeled = {
+        r["targetLabel"]
+        for monitor in b.of("ServiceMonitor")
+        for endpoint in monitor["spec"]["endpoints"]
+        for r in endpoint.get("relabelings", [])
+    }
+    return OPERATOR_TARGET_LABELS | relabeled
+
+
+SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
+SERIES_NAME = re.compile(r"\b(vitserve_\w+|\w+:\w+:\w+)")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+BY = re.compile(r"\bby\s*\(([^)]*)\)")
+
+
+def matchers(expr: str) -> Iterator[tuple[str, str, str, str]]:
+    """(series, label, operator, value) of every label matcher in a PromQL expression."""
+    for name, body in SELECTOR.findall(expr):
+        for label, op, value in MATCHER.findall(body):
+            yield name, label, op, value
+
+
+def check_promql(expr: str, known: dict[str, frozenset[str]], where: str) -> frozenset[str]:
+    """Assert `expr` names only known series and their labels; return the labels it can see."""
+    names = set(SERIES_NAME.findall(expr)) | {name for name, _ in SELECTOR.findall(expr)}
+    unknown = names - set(known)
+    assert not unknown, f"{where}: {sorted(unknown)} are neither registered by service.metrics nor recorded"
+    visible = frozenset().union(*(known[n] for n in names))
+    used = {label for _, label, _, _ in matchers(expr)}
+    used |= {label.strip() for group in BY.findall(expr) for label in group.split(",") if label.strip()}
+    assert used <= visible, f"{where}: labels {sorted(used - visible)} exist on none of {sorted(names)}"
+    return visible
+
+
+def number(value: str) -> float:
+    parsed = float(value)
+    assert parsed > 0, f"threshold {value!r} must be a positive number"
+    return parsed
+
+
+# --- builds and schemas ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_every_resource_into_one_namespace(overlay: str) -> None:
+    b = build(overlay)
+    kinds = sorted(d["kind"] for d in b.docs)
+    autoscaler = "ScaledObject" if overlay in KEDA_OVERLAYS else "HorizontalPodAutoscaler"
+    for kind, count in {"Deployment": 3, "Service": 3, "PodDisruptionBudget": 3, autoscaler: 3}.items():
+        assert kinds.count(kind) == count, f"{overlay}: {kinds}"
+    for kind in ("Namespace", "PrometheusRule"):
+        assert kinds.count(kind) == 1, f"{overlay}: {kinds}"
+    assert kinds.count("ServiceMonitor") == 2
+    assert {d["metadata"]["name"] for d in b.of("Deployment")} == {"gateway", "pool-global", "pool-windowed"}
+    for doc in b.docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == NAMESPACE, f"{doc['kind']} {doc['metadata']['name']}"
+
+
+def test_base_builds_without_a_namespace() -> None:
+    out = run([tool("kubectl"), "kustomize", str(DEPLOY / "base")])
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"}
+    assert not [d["metadata"]["name"] for d in docs if "namespace" in d["metadata"]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_builtin_kinds_pass_strict_kubernetes_schemas(overlay: str) -> None:
+    validator = kubernetes_validate()
+    builtin = [d for d in build(overlay).docs if d["apiVersion"].split("/")[0] not in CRD_GROUPS]
+    assert len(builtin) >= 10
+    for version in (OLDEST_KUBERNETES, validator.latest_version()):
+        for doc in builtin:
+            try:
+                validator.validate(doc, version, strict=True)
+            except validator.ValidationError as exc:
+                pytest.fail(
+                    f"{overlay}: {doc['kind']} {doc['metadata']['name']} on Kubernetes {version}: {exc}"
+                )
+
+
+def test_strict_schema_validation_rejects_a_misspelled_field() -> None:
+    """The validator above is live: one misspelled probe field fails the gateway Deployment."""
+    validator = kubernetes_validate()
+    gateway = json.loads(json.dumps(build("cpu").get("Deployment", "gateway")))
+    container = pod_spec(gateway)["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(validator.ValidationError, match="readinesProbe"):
+        validator.validate(gateway, OLDEST_KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_have_their_required_fields(overlay: str) -> None:
+    b = build(overlay)
+    for so in b.of("ScaledObject"):
+        assert so["apiVersion"] == "keda.sh/v1alpha1"
+        spec = so["spec"]
+        assert spec["scaleTargetRef"]["name"]
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        assert spec["triggers"], f"ScaledObject {so['metadata']['name']} has no trigger"
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "prometheus"
+            meta = trigger["metadata"]
+            assert urlsplit(meta["serverAddress"]).scheme in ("http", "https")
+            assert meta["query"].strip()
+            number(meta["threshold"])
+    for monitor in b.of("ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["spec"]["selector"]["matchLabels"]
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] and endpoint["path"] == "/metrics"
+    (rule,) = b.of("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert r["expr"] and (("record" in r) != ("alert" in r)), r
+
+
+# --- wiring between manifests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_selects_one_deployment_on_named_container_ports(overlay: str) -> None:
+    b = build(overlay)
+    for service in b.of("Service"):
+        name = service["metadata"]["name"]
+        selected = b.deployments_selected(service["spec"]["selector"])
+        assert len(selected) == 1, f"{overlay}: Service {name} selects {len(selected)} Deployments' pods"
+        deployment = selected[0]
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            assert isinstance(target, str), f"Service {name} port {port['name']} targets a number, not a name"
+            assert any(named_port(c, target) for c in containers(deployment)), (
+                f"{overlay}: Service {name} targets port {target!r}, which no container of "
+                f"{deployment['metadata']['name']} names"
+            )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_one_disruption_budget(overlay: str) -> None:
+    b = build(overlay)
+    for pdb in b.of("PodDisruptionBudget"):
+        assert len(b.deployments_selected(pdb["spec"]["selector"]["matchLabels"])) == 1, pdb["metadata"]
+    for deployment in b.of("Deployment"):
+        budgets = [
+            p
+            for p in b.of("PodDisruptionBudget")
+            if selects(p["spec"]["selector"]["matchLabels"], pod_labels(deployment))
+        ]
+        assert len(budgets) == 1, f"{overlay}: {deployment['metadata']['name']} has {len(budgets)} PDBs"
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_hit_the_health_endpoints_on_the_served_port(overlay: str) -> None:
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment):
+            if is_vitserve(container):
+                served = settings_of(container_env(deployment, container)).port
+            else:
+                served = int(flag(container, "http-port"))
+            for probe, path in {**HEALTH, "startupProbe": None}.items():
+                get = container[probe]["httpGet"]
+                assert path is None or get["path"] == path, f"{container['name']} {probe} -> {get['path']}"
+                assert named_port(container, get["port"]) == served, (
+                    f"{overlay}: {container['name']} {probe} probes port {get['port']!r}, not the served {served}"
+                )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_vitserve_environment_is_valid_settings(overlay: str) -> None:
+    """Every VITSERVE_* name is a Settings field, every value parses, threads match the CPU limit."""
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment):
+            env = container_env(deployment, container)
+            if not is_vitserve(container):
+                assert not any(name.startswith("VITSERVE_") for name in env), container["name"]
+                continue
+            settings = settings_of(env)
+            assert settings.host == "0.0.0.0"
+            assert settings.intra_op_threads == cpu_cores(container["resources"]["limits"]["cpu"]), (
+                f"{deployment['metadata']['name']}: INTRA_OP_THREADS should equal the CPU limit"
+            )
+            if settings.role == "pool":
+                assert settings.models, f"{deployment['metadata']['name']} serves no models"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_sends_each_backbone_to_the_pool_that_serves_it(overlay: str) -> None:
+    """Dockerfile backbones -> router pool -> gateway URL -> Service -> Deployment serving that backbone."""
+    b = build(overlay)
+    gateway = b.get("Deployment", "gateway")
+    (container,) = containers(gateway)
+    settings = settings_of(container_env(gateway, container))
+    assert settings.role == "gateway"
+    served = {}
+    for deployment in b.of("Deployment"):
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        for backbone in filter(None, annotations.get("vitserve/models", "").split(",")):
+            served[backbone] = deployment
+    assert set(served) == set(image_backbones()), (
+        f"pools serve {sorted(served)}, the image holds {sorted(image_backbones())}"
+    )
+    for backbone in image_backbones().values():
+        pool_deployment = served[backbone.name]
+        assert pod_labels(pool_deployment)["vitserve/pool"] == backbone.pool
+        assert settings.runtime_for(backbone.name) == "triton"
+        url = urlsplit(settings.triton_url_for(backbone.name, backbone.pool) or "")
+        assert url.hostname, f"TRITON_URLS has no URL for {backbone.name} or pool {backbone.pool}"
+        service = b.get("Service", url.hostname)
+        assert b.deployments_selected(service["spec"]["selector"]) == [pool_deployment]
+        ports = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+        assert len(ports) == 1, f"Service {url.hostname} has no port {url.port}"
+        port = ports[0]
+        assert port["name"] == url.scheme, f"{url.geturl()} reaches the Service's {port['name']} port"
+        assert any(named_port(c, port["targetPort"]) for c in containers(pool_deployment))
+        if overlay in GPU_OVERLAYS:
+            assert url.scheme == "grpc" and url.port == 8001
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pools_run_on_the_overlay_backend(overlay: str) -> None:
+    b = build(overlay)
+    for name in ("pool-global", "pool-windowed"):
+        deployment = b.get("Deployment", name)
+        (container,) = containers(deployment)
+        spec = pod_spec(deployment)
+        if overlay not in GPU_OVERLAYS:
+            assert is_vitserve(container) and "nvidia.com/gpu" not in container["resources"]["limits"]
+            continue
+        image = container["image"]
+        assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", image), (
+            f"{image} is not a pinned release"
+        )
+        assert flag(container, "model-repository") == "/models"
+        for port in ("http", "grpc", "metrics"):
+            assert flag(container, f"{port}-port") == str(named_port(container, port)), port
+        for section in ("requests", "limits"):
+            assert container["resources"][section]["nvidia.com/gpu"] == "1"
+        assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        # /models in Triton is the volume the init container fills from the vitserve image.
+        (init,) = spec["initContainers"]
+        models = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
+        assert init["image"].split(":")[0] == "vitserve"
+        assert any(m["name"] == models["name"] for m in init["volumeMounts"])
+        assert container_env(deployment, init)["MODELS"] in image_backbones()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_outlasts_shutdown_delay_and_drain(overlay: str) -> None:
+    """vitserve: delay, then uvicorn's graceful wait and the lifespan's queue drain, each up to DRAIN_TIMEOUT_S.
+    Triton: the preStop pause, then --exit-timeout-secs."""
+    for deployment in build(overlay).of("Deployment"):
+        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+        for container in containers(deployment):
+            if is_vitserve(container):
+                settings = settings_of(container_env(deployment, container))
+                assert settings.shutdown_delay_s > 0, (
+                    "without a shutdown delay the Service still routes to a closed port"
+                )
+                needed = settings.shutdown_delay_s + 2 * settings.drain_timeout_s
+            else:
+                command = container["lifecycle"]["preStop"]["exec"]["command"]
+                assert command[0] == "sleep"
+                needed = float(command[1]) + float(flag(container, "exit-timeout-secs"))
+            assert grace > needed, (
+                f"{overlay}: {deployment['metadata']['name']} grace {grace} s <= {needed} s"
+            )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_run_as_the_image_user_read_only_with_resources(overlay: str) -> None:
+    for deployment in build(overlay).of("Deployment"):
+        spec = pod_spec(deployment)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == image_uid()
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for container in containers(deployment, init=True):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= container["resources"][section].keys(), container["name"]
+        for container in containers(deployment):
+            tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and tmp[0]["name"] in empty_dirs, f"{container['name']} has no writable /tmp"
+
+
+# --- metrics, autoscaling and rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_monitors_scrape_the_metrics_port_of_every_pod(overlay: str) -> None:
+    b = build(overlay)
+    scraped = set()
+    for monitor in b.of("ServiceMonitor"):
+        services = b.services_selected(monitor["spec"]["selector"]["matchLabels"])
+        assert services, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
+        for service, endpoint in ((s, e) for s in services for e in monitor["spec"]["endpoints"]):
+            (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            (deployment,) = b.deployments_selected(service["spec"]["selector"])
+            (container,) = containers(deployment)
+            if is_vitserve(container):
+                expected = settings_of(container_env(deployment, container)).port
+            else:
+                expected = int(flag(container, "metrics-port"))
+            assert named_port(container, port["targetPort"]) == expected, f"{service['metadata']['name']}"
+            scraped.add(deployment["metadata"]["name"])
+            for relabel in endpoint.get("relabelings", []):
+                (source,) = relabel["sourceLabels"]
+                sanitized = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in pod_labels(deployment).items()}
+                assert source.removeprefix("__meta_kubernetes_pod_label_") in sanitized, f"pods lack {source}"
+                taken = [s for s, labels in registered_series().items() if relabel["targetLabel"] in labels]
+                assert not taken, (
+                    f"relabeling to {relabel['targetLabel']!r} would rename the label of {taken}"
+                )
+    assert scraped == {d["metadata"]["name"] for d in b.of("Deployment")}
+
+
+def scaled_targets(b: Build) -> dict[str, dict]:
+    """Deployment name -> {min, max, metric query or name, target per replica} of its autoscaler."""
+    targets: dict[str, dict] = {}
+    for so in b.of("ScaledObject"):
+        (trigger,) = so["spec"]["triggers"]
+        name = so["spec"]["scaleTargetRef"]["name"]
+        assert name not in targets, f"{name} has two autoscalers"
+        metric = SERIES_NAME.findall(trigger["metadata"]["query"])
+        targets[name] = {
+            "min": so["spec"]["minReplicaCount"],
+            "max": so["spec"]["maxReplicaCount"],
+            "metric": metric[0],
+            "per_replica": number(trigger["metadata"]["threshold"]),
+            "query": trigger["metadata"]["query"],
+        }
+    for hpa in b.of("HorizontalPodAutoscaler"):
+        (metric,) = hpa["spec"]["metrics"]
+        source = metric[metric["type"].lower()]
+        name = hpa["spec"]["scaleTargetRef"]["name"]
+        assert name not in targets, f"{name} has two autoscalers"
+        targets[name] = {
+            "min": hpa["spec"]["minReplicas"],
+            "max": hpa["spec"]["maxReplicas"],
+            "metric": source["metric"]["name"],
+            "per_replica": number(source["target"]["averageValue"]),
+            "selector": source["metric"].get("selector", {}).get("matchLabels", {}),
+        }
+    return targets
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_deployment_scales_on_its_own_signal(overlay: str) -> None:
+    b = build(overlay)
+    targets = scaled_targets(b)
+    assert set(targets) == {d["metadata"]["name"] for d in b.of("Deployment")}
+    for name, target in targets.items():
+        pool = pod_labels(b.get("Deployment", name)).get("vitserve/pool")
+        assert target["min"] >= 2, f"{name}: one replica leaves nothing up during a node drain"
+        expected_metric = "vitserve_pending_tokens" if pool else "vitserve_inflight_requests"
+        assert target["metric"] == expected_metric, f"{name} scales on {target['metric']}"
+        if "query" in target:
+            pools = {v for _, label, op, v in matchers(target["query"]) if label == "pool" and op == "="}
+            assert pools == ({pool} if pool else set()), f"{name}'s query filters pools {pools}"
+        else:
+            assert target["selector"] == ({"pool": pool} if pool else {}), name
+
+
+@pytest.mark.parametrize("overlay", KEDA_OVERLAYS)
+def test_keda_queries_use_registered_metrics_from_the_gateway_in_this_namespace(overlay: str) -> None:
+    b = build(overlay)
+    known = {name: labels | target_labels(b) for name, labels in registered_series().items()}
+    gateway_component = pod_labels(b.get("Deployment", "gateway"))["app.kubernetes.io/component"]
+    for so in b.of("ScaledObject"):
+        query = so["spec"]["triggers"][0]["metadata"]["query"]
+        check_promql(query, known, f"ScaledObject {so['metadata']['name']}")
+        found = {label: value for _, label, op, value in matchers(query) if op == "="}
+        assert found.get("namespace") == so["metadata"]["namespace"], f"{query} must filter its namespace"
+        assert found.get("component") == gateway_component, f"{query} must count the gateway's series only"
+
+
+def test_pool_thresholds_are_resolution_aware() -> None:
+    """Targets in tokens: no single request asks for two replicas, and GPU replicas take more work."""
+    per_pool = {b.pool: b.max_request_tokens for b in image_backbones().values()}
+    for overlay in OVERLAYS:
+        targets = scaled_targets(build(overlay))
+        for pool, tokens in per_pool.items():
+            assert targets[f"pool-{pool}"]["per_replica"] >= tokens, (overlay, pool, tokens)
+    for cpu, gpu in (("cpu", "gpu"), ("cpu-hpa", "gpu-hpa")):
+        cpu_targets, gpu_targets = scaled_targets(build(cpu)), scaled_targets(build(gpu))
+        for pool in per_pool:
+            assert gpu_targets[f"pool-{pool}"]["per_replica"] > cpu_targets[f"pool-{pool}"]["per_replica"]
+
+
+@pytest.mark.parametrize(("keda", "hpa"), [("cpu", "cpu-hpa"), ("gpu", "gpu-hpa")])
+def test_keda_and_hpa_variants_scale_alike(keda: str, hpa: str) -> None:
+    fields = ("min", "max", "metric", "per_replica")
+    keda_targets, hpa_targets = scaled_targets(build(keda)), scaled_targets(build(hpa))
+    assert {n: [t[f] for f in fields] for n, t in keda_targets.items()} == {
+        n: [t[f] for f in fields] for n, t in hpa_targets.items()
+    }
+
+
+@pytest.mark.parametrize("overlay", HPA_OVERLAYS)
+def test_hpa_metrics_come_from_the_adapter_rules(overlay: str) -> None:
+    b = build(overlay)
+    config = yaml.safe_load(b.get("ConfigMap", "prometheus-adapter-vitserve")["data"]["config.yaml"])
+    known = {name: labels | target_labels(b) for name, labels in registered_series().items()}
+    served = {"Pods": {}, "External": {}}
+    for kind, rules in (("Pods", config["rules"]), ("External", config["externalRules"])):
+        for rule in rules:
+            for expr in (
+                rule["seriesQuery"],
+                rule["metricsQuery"].replace("<<.Series>>", rule["name"]["as"]),
+            ):
+                check_promql(re.sub(r"<<[^>]*>>,?", "", expr), known, f"adapter rule {rule['name']['as']}")
+            assert 'component="gateway"' in rule["metricsQuery"], "the adapter drops seriesQuery matchers"
+            served[kind][rule["name"]["as"]] = known[rule["name"]["as"]]
+    for hpa in b.of("HorizontalPodAutoscaler"):
+        (metric,) = hpa["spec"]["metrics"]
+        source = metric[metric["type"].lower()]["metric"]
+        assert source["name"] in served[metric["type"]], (
+            f"no adapter rule serves {metric['type']} {source['name']}"
+        )
+        selector = source.get("selector", {}).get("matchLabels", {})
+        assert set(selector) <= served[metric["type"]][source["name"]]
+
+
+def rules_spec(b: Build) -> dict:
+    return b.of("PrometheusRule")[0]["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_rules_use_registered_metrics_and_labels(overlay: str) -> None:
+    b = build(overlay)
+    known = {name: labels | target_labels(b) for name, labels in registered_series().items()}
+    known["up"] = target_labels(b)
+    for group in rules_spec(b)["groups"]:
+        for rule in group["rules"]:
+            where = rule.get("record") or rule["alert"]
+            visible = check_promql(rule["expr"], known, where)
+            if "record" in rule:
+                by = BY.findall(rule["expr"])
+                known[rule["record"]] = frozenset(x.strip() for x in by[0].split(",")) if by else visible
+            else:
+                used = set(re.findall(r"\$labels\.(\w+)", json.dumps(rule["annotations"])))
+                assert used <= visible, f"{where} annotations read {sorted(used - visible)}"
+
+
+def test_prometheus_rules_pass_promtool_check(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rules_spec(build("cpu"))))
+    out = run([tool("promtool"), "check", "rules", str(rules)])
+    assert "SUCCESS" in out
+
+
+def series(name: str, value: str, **labels: str) -> dict:
+    body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{body}}}", "values": value}
+
+
+# Gateway pods in our namespace, a vitserve pool process reporting its own queue, and a second install.
+PENDING = [
+    series(
+        "vitserve_pending_tokens",
+        "1000x10",
+        component="gateway",
+        namespace=NAMESPACE,
+        pod="gw-a",
+        pool="global",
+    ),
+    series(
+        "vitserve_pending_tokens",
+        "500x10",
+        component="gateway",
+        namespace=NAMESPACE,
+        pod="gw-b",
+        pool="global",
+    ),
+    series(
+        "vitserve_pending_tokens",
+        "200000x10",
+        component="gateway",
+        namespace=NAMESPACE,
+        pod="gw-a",
+        pool="windowed",
+    ),
+    series(
+        "vitserve_pending_tokens",
+        "700x10",
+        component="pool",
+        namespace=NAMESPACE,
+        pod="pool-a",
+        pool="global",
+    ),
+    series(
+        "vitserve_pending_tokens",
+        "9999x10",
+        component="gateway",
+        namespace="staging",
+        pod="gw-x",
+        pool="global",
+    ),
+    series("vitserve_inflight_requests", "40x10", component="gateway", namespace=NAMESPACE, pod="gw-a"),
+    series("vitserve_inflight_requests", "30x10", component="gateway", namespace=NAMESPACE, pod="gw-b"),
+    series("vitserve_inflight_requests", "12x10", component="pool", namespace=NAMESPACE, pod="pool-a"),
+    series("vitserve_inflight_requests", "99x10", component="gateway", namespace="staging", pod="gw-x"),
+]
+EXPECTED_SIGNAL = {"global": 1500, "windowed": 200000, None: 70}
+
+
+def requests(endpoint: str, status: str, per_minute: int) -> dict:
+    labels = {"component": "gateway", "namespace": NAMESPACE, "endpoint": endpoint, "route": "global"}
+    return series(
+        "vitserve_requests_total", f"0+{per_minute}x30", **labels, model="vit_global", status=status
+    )
+
+
+def promtool_test(tmp_path: Path, b: Build, tests: list[dict]) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules_spec(b)))
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    run([tool("promtool"), "test", "rules", "tests.yaml"], cwd=tmp_path)
+
+
+@pytest.mark.parametrize("overlay", KEDA_OVERLAYS)
+def test_keda_queries_and_pending_tokens_rule_count_each_pool_once(overlay: str, tmp_path: Path) -> None:
+    """promtool evaluates the real queries: gateway pods summed, the pool's own gauge and other namespaces not."""
+    b = build(overlay)
+    checks = []
+    for name, target in scaled_targets(b).items():
+        pool = pod_labels(b.get("Deployment", name)).get("vitserve/pool")
+        checks.append(
+            {
+                "expr": target["query"],
+                "eval_time": "5m",
+                "exp_samples": [{"labels": "{}", "value": EXPECTED_SIGNAL[pool]}],
+            }
+        )
+    recorded = [
+        {"labels": f'pool:vitserve_pending_tokens:sum{{namespace="{ns}",pool="{pool}"}}', "value": value}
+        for ns, pool, value in (
+            (NAMESPACE, "global", 1500),
+            (NAMESPACE, "windowed", 200000),
+            ("staging", "global", 9999),
+        )
+    ]
+    checks.append({"expr": "pool:vitserve_pending_tokens:sum", "eval_time": "5m", "exp_samples": recorded})
+    promtool_test(tmp_path, b, [{"interval": "1m", "input_series": PENDING, "promql_expr_test": checks}])
+
+
+def test_high_5xx_ratio_alert_fires_only_for_the_failing_endpoint(tmp_path: Path) -> None:
+    b = build("cpu")
+    (alert,) = [
+        r for g in rules_spec(b)["groups"] for r in g["rules"] if r.get("alert") == "VitserveHigh5xxRatio"
+    ]
+    firing = {
+        "exp_labels": {"severity": "critical", "namespace": NAMESPACE, "endpoint": "classify"},
+        "exp_annotations": {
+            "summary": "vitserve classify answers 10% of requests with 5xx",
+            "description": alert["annotations"]["description"],
+        },
+    }
+    test = {
+        "interval": "1m",
+        "input_series": [
+            requests("classify", "200", 90),
+            requests("classify", "503", 10),
+            requests("embed", "200", 100),
+            requests("embed", "500", 0),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": []},
+            {"eval_time": "15m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": [firing]},
+        ],
+    }
+    promtool_test(tmp_path, b, [test])
