@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     torch_compile: Literal["off", "on", "cuda-graphs"] = Field(
         "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
     )
+    ort_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's threads spin between batches (faster alone, slower beside decoding).",
+    )
     remote_concurrency: int = Field(
         4, ge=1, description="Batches in flight per pool on the triton runtime (local runtimes run one)."
     )

@@ -54,11 +54,11 @@ def load_runtime(
     torch reads its VITSERVE_TORCH_* options from `settings`; triton finds its server in
     `settings.triton_urls` under the entry's name, its backbone or its `pool`, in that order.
     """
+    settings = settings or Settings()
     if kind == "onnxruntime":
         from service.runtimes.ort import OnnxRuntime
 
-        return OnnxRuntime(entry, threads)
-    settings = settings or Settings()
+        return OnnxRuntime(entry, threads, spinning=settings.ort_spinning)
     if kind == "torch":
         from service.runtimes.torch_runtime import TorchOptions, TorchRuntime
 

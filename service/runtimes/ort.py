@@ -24,13 +24,16 @@ def available_providers() -> list[str]:
 class OnnxRuntime:
     """One InferenceSession per repository entry."""
 
-    def __init__(self, entry: ModelEntry, threads: int):
+    def __init__(self, entry: ModelEntry, threads: int, spinning: bool = False):
         self.entry = entry
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Spinning intra-op threads keep the cores busy between batches, starving the decode and
+        # preprocess threads that share them in the gateway.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(entry.artifact), options, providers=available_providers())
         self._input = entry.input_name
         self._outputs = [entry.logits_name, entry.embedding_name]
