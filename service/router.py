@@ -86,10 +86,10 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     global_backbone: BackboneRoute = BackboneRoute(
-        model="vit_global", config="vit_small_patch16_224", buckets=(224, 384)
+        model="vit_global", config="vit_tiny_patch16_224", buckets=(224, 384)
     )
     windowed_backbone: BackboneRoute = BackboneRoute(
-        model="swin_windowed", config="swin_tiny_patch4_window7_224", buckets=(512, 768, 1024, 1344)
+        model="swin_windowed", config="swin_tiny_patch4_window7_224", buckets=(448, 672, 896, 1344)
     )
     max_global_tokens: PositiveInt = 1024
     resize_mode: ResizeMode = "pad"

@@ -49,8 +49,8 @@ def test_the_token_limit_is_inclusive_and_configurable():
         (224, 224, 224, (224, 224)),
         (225, 100, 384, (384, 171)),  # just over 224: next bucket up keeps every pixel
         (400, 600, 384, (256, 384)),  # beyond the global buckets: the largest, downscaled
-        (700, 513, 768, (768, 563)),
-        (1024, 1000, 1024, (1024, 1000)),
+        (700, 513, 896, (896, 657)),
+        (1024, 1000, 1344, (1344, 1312)),
         (1411, 1411, 1344, (1344, 1344)),
         (4000, 600, 1344, (1344, 202)),
     ],
@@ -74,8 +74,8 @@ def test_crop_mode_fits_the_short_side_and_counts_only_the_central_square():
         (576, 384),
     )
     panorama = router.route(600, 4000)
-    assert (panorama.pool, panorama.image_tokens, panorama.bucket) == ("windowed", 38 * 38, 768)
-    assert panorama.resized == (768, 5120) and panorama.resize_mode == "crop"
+    assert (panorama.pool, panorama.image_tokens, panorama.bucket) == ("windowed", 38 * 38, 672)
+    assert panorama.resized == (672, 4480) and panorama.resize_mode == "crop"
 
 
 def test_route_tokens_and_candidates_are_the_cost_models_numbers(router):
@@ -83,9 +83,9 @@ def test_route_tokens_and_candidates_are_the_cost_models_numbers(router):
     assert [(c.model, c.bucket) for c in router.candidates] == [
         (GLOBAL, 224),
         (GLOBAL, 384),
-        (WINDOWED, 512),
-        (WINDOWED, 768),
-        (WINDOWED, 1024),
+        (WINDOWED, 448),
+        (WINDOWED, 672),
+        (WINDOWED, 896),
         (WINDOWED, 1344),
     ]
     for candidate in router.candidates:
@@ -113,7 +113,7 @@ def test_calibrated_backbones_report_seconds():
 
 def test_model_override_routes_to_that_backbone_with_its_bucket_rule(router):
     route = router.route(224, 224, override_model=WINDOWED)
-    assert (route.model, route.pool, route.bucket) == (WINDOWED, "windowed", 512)
+    assert (route.model, route.pool, route.bucket) == (WINDOWED, "windowed", 448)
     assert "requested" in route.reason
     forced = router.route(2048, 2048, override_model=GLOBAL, override_bucket=224)
     assert (forced.model, forced.bucket, forced.resized) == (GLOBAL, 224, (224, 224))
@@ -121,7 +121,7 @@ def test_model_override_routes_to_that_backbone_with_its_bucket_rule(router):
 
 def test_bucket_override_alone_picks_the_backbone_serving_it(router):
     assert router.route(2048, 2048, override_bucket=384).model == GLOBAL
-    assert router.route(224, 224, override_bucket=1024).model == WINDOWED
+    assert router.route(224, 224, override_bucket=896).model == WINDOWED
 
 
 def test_bucket_override_served_by_both_keeps_the_automatic_choice():
@@ -147,7 +147,7 @@ def test_invalid_overrides_name_the_valid_choices(router):
         router.route(224, 224, override_bucket=300)
     with pytest.raises(UnknownModelError):
         router.buckets("resnet50")
-    assert router.buckets(WINDOWED) == (512, 768, 1024, 1344)
+    assert router.buckets(WINDOWED) == (448, 672, 896, 1344)
 
 
 @pytest.mark.parametrize(("height", "width"), [(0, 224), (224, -5), (2.5, 224), (True, 224)])
