@@ -59,6 +59,8 @@ test: $(STAMP) $(MLSERVER_STAMP) tools
 bench: $(STAMP)
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.attention
+	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; }
+	$(BIN)/python -m bench.serving
 
 lint: $(STAMP)
 	$(BIN)/ruff check models export service tests bench

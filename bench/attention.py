@@ -1,0 +1,260 @@
+"""Global vs windowed attention at high resolution, beside the cost model the router uses.
+
+Global-attention ViTs (learned position table interpolated to the grid) and Swin-T (shifted 7x7
+windows) at batch 1, in ONNX Runtime and in torch eager, at each input side. Each ONNX artifact
+is exported at its own bucket; Swin buckets must be multiples of patch x window = 28, so Swin's
+ONNX point for a side that is not one (1024) is the next multiple up (1036: the whole image fits,
+Swin does slightly more work than at 1024). Torch eager runs every model at exactly the side.
+Cells of one side are timed interleaved (bench.timing). Peak resident memory of one 2048x2048
+forward is measured in fresh processes (bench.peak_memory).
+
+Writes attention.json/.csv/.png and calibration.yaml: measured ONNX Runtime seconds per
+estimated GFLOP per backbone (batch 1), the factor the router multiplies its cost estimates by.
+
+    .venv/bin/python -m bench.attention [--sizes 224 448 672 1024] [--memory-size 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.backends import eager_model, export_entry, ort_runner, ort_session, random_batch, torch_runner
+from bench.machine import cores, machine_info
+from bench.peak_memory import peak_rss
+from bench.plots import attention_lines
+from bench.results import RESULTS_DIR, write_results
+from bench.timing import STATISTIC, Runner, TimingPlan, noise, time_cells
+from models import estimate_cost, get_config
+
+GLOBAL_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
+WINDOWED_MODEL = "swin_tiny_patch4_window7_224"
+RUNTIMES = ("onnxruntime", "torch_eager")
+MEMORY_BUDGET_MIB = 4096
+CLAIM_SIDE = 1024
+CLAIM_SPEEDUP = 3.0
+
+
+def bucket_for(model: str, side: int) -> int:
+    """The smallest exportable bucket that holds a side x side image."""
+    multiple = get_config(model).bucket_multiple
+    return math.ceil(side / multiple) * multiple
+
+
+def _attention_kind(model: str) -> str:
+    return ",".join(sorted(set(get_config(model).attention_kinds)))
+
+
+def _cost_fields(model: str, size: int) -> dict:
+    cost = estimate_cost(model, size, size)
+    return {
+        "tokens": cost.tokens,
+        "attention_gflops": round(cost.attention_flops / 1e9, 3),
+        "gflops": round(cost.gflops, 3),
+        "attention_score_mib": round(cost.attention_bytes / 2**20, 1),
+    }
+
+
+def _latency_rows(
+    models: list[str], sides: list[int], repository: Path, threads: int, plan: TimingPlan
+) -> list[dict]:
+    """Export and load every (model, runtime, side), then time them all interleaved.
+
+    Interleaving across sides too means a burst of load from other processes hits every side
+    alike instead of tilting the curves, at the price of holding every session at once.
+    """
+    cells: dict[tuple[str, str, int], tuple[Runner, int]] = {}
+    for model in models:
+        eager = eager_model(model)
+        for side in sides:
+            bucket = bucket_for(model, side)
+            entry = export_entry(model, repository / str(side), bucket)
+            session = ort_session(entry.artifact, threads)
+            cells[(model, "onnxruntime", side)] = (
+                ort_runner(session, entry, random_batch(1, bucket)),
+                bucket,
+            )
+            cells[(model, "torch_eager", side)] = (torch_runner(eager, random_batch(1, side)), side)
+    runners = {key: runner for key, (runner, _) in cells.items()}
+    timings = time_cells(runners, plan, log=lambda m: print(m, file=sys.stderr))
+    rows = []
+    for (model, runtime, side), (_, size) in cells.items():
+        timing = timings[(model, runtime, side)]
+        fields = _cost_fields(model, size)
+        rows.append(
+            {
+                "measurement": "latency",
+                "model": model,
+                "attention": _attention_kind(model),
+                "runtime": runtime,
+                "side": side,
+                "size": size,
+                **fields,
+                **timing.summary(1),
+                "seconds_per_gflop": timing.median / fields["gflops"],
+            }
+        )
+    return sorted(rows, key=lambda r: (r["side"], r["runtime"], models.index(r["model"])))
+
+
+def _memory_rows(models: list[str], side: int, repository: Path, threads: int) -> list[dict]:
+    """Peak RSS of serving side x side images: the windowed model in ONNX Runtime (as served and
+    lean, see bench.backends.ort_session) and torch eager, the global `models` in torch eager.
+
+    Global models are not exported at this side: export verifies each artifact at batch 2 in both
+    PyTorch and ONNX Runtime, over 10 TFLOPs for ViT-T at 2048 (minutes on a few cores).
+    """
+    bucket = bucket_for(WINDOWED_MODEL, side)
+    artifact = export_entry(WINDOWED_MODEL, repository, bucket).artifact
+    jobs = [(WINDOWED_MODEL, runtime, bucket, artifact) for runtime in ("onnxruntime", "onnxruntime_lean")]
+    jobs += [(model, "torch_eager", side, None) for model in (WINDOWED_MODEL, *models)]
+    rows = []
+    for model, runtime, size, path in jobs:
+        print(f"peak RSS: {model} {runtime} at {size}", file=sys.stderr)
+        result = peak_rss(runtime, size, model, threads, path)
+        rows.append(
+            {
+                "measurement": "peak_rss",
+                "model": model,
+                "attention": _attention_kind(model),
+                "runtime": runtime,
+                "side": side,
+                "size": size,
+                **_cost_fields(model, size),
+                **result,
+                "within_budget": result.get("peak_rss_mib", math.inf) <= MEMORY_BUDGET_MIB,
+            }
+        )
+    return rows
+
+
+def _speedups(rows: list[dict]) -> dict:
+    """Global ms / windowed ms at each side and runtime: how much faster the windowed route is."""
+    latency = {
+        (r["model"], r["runtime"], r["side"]): r["ms_p50"] for r in rows if r["measurement"] == "latency"
+    }
+    speedups: dict[str, dict[str, float]] = {}
+    for (model, runtime, side), ms in sorted(latency.items(), key=lambda kv: kv[0][2]):
+        windowed = latency.get((WINDOWED_MODEL, runtime, side))
+        if model != WINDOWED_MODEL and windowed:
+            speedups.setdefault(f"{model} / {WINDOWED_MODEL}", {})[f"{runtime} {side}"] = round(
+                ms / windowed, 2
+            )
+    return speedups
+
+
+def calibration(rows: list[dict], machine: dict) -> dict:
+    """Median measured ONNX Runtime seconds per estimated GFLOP per backbone, with each point and the fit error."""
+    backbones = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        points = [
+            r
+            for r in rows
+            if r["measurement"] == "latency" and r["model"] == model and r["runtime"] == "onnxruntime"
+        ]
+        if not points:
+            continue
+        factor = statistics.median(p["seconds_per_gflop"] for p in points)
+        backbones[model] = {
+            "seconds_per_gflop": float(f"{factor:.4g}"),
+            "max_relative_error": round(max(abs(p["seconds_per_gflop"] / factor - 1) for p in points), 3),
+            "points": [
+                {
+                    "size": p["size"],
+                    "gflops": p["gflops"],
+                    "seconds": round(p["ms_p50"] / 1e3, 5),
+                    "seconds_per_gflop": float(f"{p['seconds_per_gflop']:.4g}"),
+                }
+                for p in points
+            ],
+        }
+    return {
+        "runtime": "onnxruntime",
+        "provider": "CPUExecutionProvider",
+        "batch": 1,
+        "threads": machine["cores"],
+        "cpu_model": machine["cpu_model"],
+        "date": machine["date"],
+        "command": machine["command"],
+        "backbones": backbones,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--global-models", nargs="+", default=list(GLOBAL_MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448, 672, 1024])
+    parser.add_argument(
+        "--memory-size", type=int, default=2048, help="side for the peak-RSS runs; 0 skips them"
+    )
+    parser.add_argument(
+        "--memory-global-models",
+        nargs="*",
+        default=["vit_tiny_patch16_224"],
+        help="global models whose torch eager forward at --memory-size is measured (they are slow there)",
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell over all rounds")
+    parser.add_argument(
+        "--threads", type=int, default=cores(), help="intra-op threads of every runtime (default: the cores)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    machine = machine_info("bench.attention")
+    threads = args.threads
+    torch.set_num_threads(threads)
+    plan = TimingPlan(rounds=args.rounds, seconds=args.seconds, min_calls=2, first_warmup_calls=1)
+    models = [*args.global_models, WINDOWED_MODEL]
+    with tempfile.TemporaryDirectory(prefix="vitserve-bench-") as tmp:
+        rows = _latency_rows(models, args.sizes, Path(tmp), threads, plan)
+        if args.memory_size:
+            rows += _memory_rows(args.memory_global_models, args.memory_size, Path(tmp) / "memory", threads)
+    settings = {
+        "global_models": args.global_models,
+        "windowed_model": WINDOWED_MODEL,
+        "sizes": args.sizes,
+        "onnx_buckets": {m: {s: bucket_for(m, s) for s in args.sizes} for m in models},
+        "batch": 1,
+        "threads": threads,
+        "ort": {"provider": "CPUExecutionProvider", "intra_op_threads": threads, "graph_optimization": "ALL"},
+        "timing": asdict(plan) | {"statistic": STATISTIC},
+        "memory_budget_mib": MEMORY_BUDGET_MIB,
+    }
+    speedups = _speedups(rows)
+    claim = {k: v.get(f"onnxruntime {CLAIM_SIDE}") for k, v in speedups.items()}
+    summary = {
+        "windowed_speedup": speedups,
+        f"claim_windowed_{CLAIM_SPEEDUP:g}x_at_{CLAIM_SIDE}": {
+            k: {"speedup": v, "holds": v is not None and v >= CLAIM_SPEEDUP} for k, v in claim.items()
+        },
+        "peak_rss_mib": {
+            f"{r['model']} {r['runtime']} {r['size']}": r.get("peak_rss_mib", r.get("error"))
+            for r in rows
+            if r["measurement"] == "peak_rss"
+        },
+        "noise": noise(rows),
+    }
+    paths = write_results("attention", machine, settings, rows, summary, args.output_dir)
+    png = args.output_dir / "attention.png"
+    title = f"global vs windowed attention, batch 1, {machine['cpu_model']}, {threads} threads ({machine['date']})"
+    attention_lines([r for r in rows if r["measurement"] == "latency"], title, png)
+    calibration_path = args.output_dir / "calibration.yaml"
+    calibration_path.write_text(yaml.safe_dump(calibration(rows, machine), sort_keys=False))
+    print(yaml.safe_dump(summary, sort_keys=False))
+    print("wrote " + ", ".join(str(p) for p in [*paths, png, calibration_path]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Artifacts made by the project's own export code, and callables that run them on a fixed batch.
+
+Every artifact goes through `export.export_model` (which verifies it against PyTorch) and is read
+back with `export.read_repository`, so the benchmarks measure exactly what the service would load.
+Models are built after `torch.manual_seed(seed)`, so eager and exported variants share weights.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench.timing import Runner
+from export import ExportRequest, ModelEntry, export_model, read_repository
+from models import create_model
+
+SEED = 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def export_entry(
+    model: str, repository: Path, bucket: int, artifact_format: str = "onnx", precision: str = "fp32"
+) -> ModelEntry:
+    """Export `model` at `bucket` into `repository` and return the entry as the service reads it."""
+    name = f"{model}-{artifact_format}-{precision}"
+    torch.manual_seed(SEED)
+    request = ExportRequest(
+        model=model,
+        repository=repository,
+        buckets=(bucket,),
+        artifact_format=artifact_format,
+        precision=precision,
+        name=name,
+    )
+    export_model(request, log=_log)
+    entries = [e for e in read_repository(repository) if e.backbone == name and e.bucket == bucket]
+    if len(entries) != 1:
+        raise RuntimeError(
+            f"expected one entry {name} at bucket {bucket} in {repository}, found {len(entries)}"
+        )
+    return entries[0]
+
+
+def eager_model(model: str) -> torch.nn.Module:
+    """The registry model with the same seeded weights the exports use."""
+    torch.manual_seed(SEED)
+    return create_model(model).eval()
+
+
+def random_batch(batch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(SEED).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+def torch_runner(module: torch.nn.Module | torch.jit.ScriptModule, pixels: np.ndarray) -> Runner:
+    """Forward `pixels` through an eager or TorchScript module without autograd bookkeeping."""
+    tensor = torch.from_numpy(pixels)
+
+    def run() -> object:
+        with torch.inference_mode():
+            return module(tensor)
+
+    return run
+
+
+def load_torchscript(entry: ModelEntry) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(entry.artifact)).eval()
+
+
+def ort_session(artifact: Path, threads: int, lean: bool = False) -> ort.InferenceSession:
+    """CPU session configured as the embedded runtime serves: all graph optimizations, `threads` intra-op.
+
+    `lean` turns off the CPU memory arena and the memory pattern, trading speed for a smaller
+    resident set at high resolution (bench.peak_memory measures both).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if lean:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session: ort.InferenceSession, entry: ModelEntry, pixels: np.ndarray) -> Runner:
+    feed = {entry.input_name: pixels}
+    outputs = [entry.logits_name, entry.embedding_name]
+    return lambda: session.run(outputs, feed)

@@ -1,0 +1,72 @@
+"""PNG figures for the result files (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def runtime_bars(rows: Sequence[Mapping[str, Any]], runtimes: Sequence[str], title: str, path: Path) -> None:
+    """Grouped bars: img/s of each runtime for each (model, batch), with the ratio to the first runtime."""
+    groups = list(dict.fromkeys((row["model"], row["batch"]) for row in rows))
+    value = {(row["model"], row["batch"], row["runtime"]): row for row in rows}
+    width = 0.8 / len(runtimes)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5))
+    for index, runtime in enumerate(runtimes):
+        cells = [value.get((model, batch, runtime)) for model, batch in groups]
+        xs = [g + (index - (len(runtimes) - 1) / 2) * width for g in range(len(groups))]
+        heights = [cell["img_per_s"] if cell else 0 for cell in cells]
+        bars = ax.bar(xs, heights, width, label=runtime)
+        for bar, cell in zip(bars, cells, strict=True):
+            if cell:
+                ax.annotate(
+                    f"{cell['speedup_vs_eager']:.2f}x",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    labels = [f"{model.replace('_patch', chr(10) + 'patch', 1)}\nbatch {batch}" for model, batch in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_ylabel("images / s")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attention_lines(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -> None:
+    """Latency against input side (log scale) per (model, runtime), and measured seconds per GFLOP."""
+    fig, (latency, efficiency) = plt.subplots(1, 2, figsize=(13, 5))
+    series = list(dict.fromkeys((row["model"], row["runtime"]) for row in rows))
+    colors = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(model for model, _ in series))}
+    for model, runtime in series:
+        points = sorted(
+            (r for r in rows if r["model"] == model and r["runtime"] == runtime), key=lambda r: r["size"]
+        )
+        style = "-o" if runtime == "onnxruntime" else "--s"
+        sizes = [p["size"] for p in points]
+        label = f"{model} ({runtime})"
+        latency.plot(sizes, [p["ms_p50"] for p in points], style, color=colors[model], label=label)
+        efficiency.plot(
+            sizes, [p["seconds_per_gflop"] * 1e3 for p in points], style, color=colors[model], label=label
+        )
+    latency.set_yscale("log")
+    latency.set_xlabel("input side (pixels)")
+    latency.set_ylabel("ms per image (p50, batch 1)")
+    efficiency.set_xlabel("input side (pixels)")
+    efficiency.set_ylabel("measured ms per estimated GFLOP")
+    for ax in (latency, efficiency):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,38 @@
+"""Result files: one JSON (machine, settings, rows, summary) and one CSV (machine as `#` comment lines, then rows)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.machine import load_average
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def write_results(
+    name: str,
+    machine: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    directory: Path = RESULTS_DIR,
+) -> list[Path]:
+    """Write `<name>.json` and `<name>.csv` under `directory`; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    machine = {**machine, "load_average_end": load_average()}
+    json_path = directory / f"{name}.json"
+    document = {"benchmark": name, "machine": machine, "settings": settings, "summary": summary, "rows": rows}
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    csv_path = directory / f"{name}.csv"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with csv_path.open("w", newline="") as handle:
+        for key, value in machine.items():
+            handle.write(f"# {key}: {value}\n")
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return [json_path, csv_path]
