@@ -80,28 +80,23 @@ def onnx_runner(path: Path) -> Runner:
     return lambda x: dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
 
 
+def _torch_runner(module: Callable) -> Runner:
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logits, embedding = module(torch.from_numpy(x))
+        return {"logits": logits.numpy(), "embedding": embedding.numpy()}
+
+    return run
+
+
 def torchscript_runner(path: Path) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path)).eval()
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            logits, embedding = module(torch.from_numpy(x))
-        return {"logits": logits.numpy(), "embedding": embedding.numpy()}
-
-    return run
+        return _torch_runner(torch.jit.load(str(path)).eval())
 
 
 def pt2_runner(path: Path) -> Runner:
-    module = torch.export.load(str(path)).module()
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            logits, embedding = module(torch.from_numpy(x))
-        return {"logits": logits.numpy(), "embedding": embedding.numpy()}
-
-    return run
+    return _torch_runner(torch.export.load(str(path)).module())
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

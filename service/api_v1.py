@@ -16,7 +16,6 @@ from service.imaging import DecodedImage, check_content_type, decode_image, prob
 from service.preprocess import preprocess
 from service.router import Route
 from service.schemas import (
-    CandidateInfo,
     ClassifyResponse,
     EmbedResponse,
     ErrorBody,
@@ -234,7 +233,7 @@ async def explain_route(
             **info.model_dump(),
             width=width,
             height=height,
-            candidates=[CandidateInfo(**c.__dict__) for c in route.candidates],
+            candidates=list(route.candidates),
         )
 
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.router import Candidate
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code.")
@@ -21,17 +23,6 @@ class V2ErrorBody(BaseModel):
 
     error: str = Field(description="What was wrong and what to do.")
     code: str = Field(description="Stable machine-readable error code.")
-
-
-class CandidateInfo(BaseModel):
-    model: str
-    pool: Literal["global", "windowed"]
-    bucket: int
-    tokens: int
-    attention_flops: int
-    flops: int
-    cost: float
-    cost_unit: Literal["seconds", "GFLOP"]
 
 
 class RouteInfo(BaseModel):
@@ -52,7 +43,7 @@ class RouteInfo(BaseModel):
 class RouteResponse(RouteInfo):
     width: int
     height: int
-    candidates: list[CandidateInfo]
+    candidates: list[Candidate]
 
 
 class Timings(BaseModel):

@@ -39,17 +39,10 @@ class ServingState:
     router: Router | None = None
     ready: bool = False
     draining: bool = False
-    started_at: float = field(default_factory=time.time)
     cpu_pool: ThreadPoolExecutor | None = None
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
 
-    @property
-    def backbones(self) -> dict[str, dict[int, ModelEntry]]:
-        """backbone -> bucket -> entry."""
-        grouped: dict[str, dict[int, ModelEntry]] = defaultdict(dict)
-        for entry in self.entries.values():
-            grouped[entry.backbone][entry.bucket] = entry
-        return dict(grouped)
+    backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
 
     def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
         return self.backbones[backbone][bucket]
@@ -70,6 +63,7 @@ class ServingState:
         if not entries:
             raise StartupError(f"model repository {settings.repository} has no entries; run `make export`")
         self.entries = {e.name: e for e in entries}
+        self.backbones = group_by_backbone(entries)
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
         self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
@@ -144,6 +138,14 @@ class ServingState:
             self.metrics.model_ready.labels(entry.name).set(0)
 
 
+def group_by_backbone(entries: list[ModelEntry]) -> dict[str, dict[int, ModelEntry]]:
+    """backbone -> bucket -> entry, buckets in ascending order."""
+    grouped: dict[str, dict[int, ModelEntry]] = defaultdict(dict)
+    for entry in sorted(entries, key=lambda e: (e.backbone, e.bucket)):
+        grouped[entry.backbone][entry.bucket] = entry
+    return dict(grouped)
+
+
 def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
     """The routing file when given, else one derived from the repository's two backbones."""
     configs = {e.backbone: e.config for e in entries}
@@ -151,11 +153,9 @@ def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
         routing = RoutingConfig.from_yaml(settings.routing)
     else:
         routing = derive_routing(entries)
-    served = {e.backbone: set() for e in entries}
-    for e in entries:
-        served[e.backbone].add(e.bucket)
+    served = group_by_backbone(entries)
     for backbone in routing.backbones().values():
-        missing = set(backbone.buckets) - served.get(backbone.model, set())
+        missing = set(backbone.buckets) - set(served.get(backbone.model, {}))
         if missing:
             raise StartupError(
                 f"routing names {backbone.model} buckets {sorted(missing)} that the repository "
@@ -166,9 +166,7 @@ def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
 
 def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
     """Pair the repository's global-attention backbone with its windowed one."""
-    by_backbone: dict[str, list[ModelEntry]] = defaultdict(list)
-    for entry in entries:
-        by_backbone[entry.backbone].append(entry)
+    by_backbone = {name: list(buckets.values()) for name, buckets in group_by_backbone(entries).items()}
     pools: dict[str, list[str]] = {"global": [], "windowed": []}
     for backbone, items in by_backbone.items():
         pools["global" if items[0].attention == GLOBAL_ATTENTION else "windowed"].append(backbone)
