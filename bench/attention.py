@@ -28,11 +28,11 @@ import torch
 import yaml
 
 from bench.backends import eager_model, export_entry, ort_runner, ort_session, random_batch, torch_runner
-from bench.machine import cores, machine_info
+from bench.machine import machine_info
 from bench.peak_memory import peak_rss
 from bench.plots import attention_lines
-from bench.results import RESULTS_DIR, write_results
-from bench.timing import STATISTIC, Runner, TimingPlan, noise, time_cells
+from bench.results import write_results
+from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
 from models import estimate_cost, get_config
 
 GLOBAL_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
@@ -201,12 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["vit_tiny_patch16_224"],
         help="global models whose torch eager forward at --memory-size is measured (they are slow there)",
     )
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell over all rounds")
-    parser.add_argument(
-        "--threads", type=int, default=cores(), help="intra-op threads of every runtime (default: the cores)"
-    )
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_run_arguments(parser, rounds=4, seconds=4.0)
     return parser.parse_args(argv)
 
 

@@ -27,10 +27,10 @@ from bench.backends import (
     random_batch,
     torch_runner,
 )
-from bench.machine import cores, machine_info
+from bench.machine import machine_info
 from bench.plots import runtime_bars
-from bench.results import RESULTS_DIR, write_results
-from bench.timing import STATISTIC, Runner, TimingPlan, noise, time_cells
+from bench.results import write_results
+from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
 
 MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224")
 RUNTIMES = ("torch_eager", "torchscript", "onnxruntime_fp32", "onnxruntime_int8")
@@ -105,12 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--size", type=int, default=224, help="input side and export bucket")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per cell over all rounds")
-    parser.add_argument(
-        "--threads", type=int, default=cores(), help="intra-op threads of every runtime (default: the cores)"
-    )
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_run_arguments(parser, rounds=6, seconds=3.0)
     return parser.parse_args(argv)
 
 

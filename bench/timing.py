@@ -13,10 +13,15 @@ per-round medians are reported beside it, as the noise the run saw.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.machine import cores
+from bench.results import RESULTS_DIR
 
 Runner = Callable[[], object]
 STATISTIC = (
@@ -121,3 +126,15 @@ def noise(rows: list[dict]) -> dict[str, float]:
         result[f"median_{key}"] = round(statistics.median(values), 4)
         result[f"max_{key}"] = max(values)
     return result
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, rounds: int, seconds: float) -> None:
+    """Options every latency benchmark takes: timing plan, threads and output directory."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument(
+        "--seconds", type=float, default=seconds, help="timed seconds per cell over all rounds"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=cores(), help="intra-op threads of every runtime (default: the cores)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
