@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import tracemalloc
 import warnings
 import zlib
@@ -236,16 +235,14 @@ def test_decompression_bomb_is_rejected_from_the_header(side):
     limits = {"max_bytes": 1 << 20, "max_pixels": 10_000_000}
     blocks_before = Image.core.get_stats()["new_count"]
     tracemalloc.start()
-    started = time.perf_counter()
     with pytest.raises(ImageTooLarge) as caught:
         probe_image(bomb, **limits)
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, **limits, target_side=224)
     assert Image.core.get_stats()["new_count"] == blocks_before
-    assert peak < 1 << 20 and elapsed < 5.0
+    assert peak < 1 << 20
     assert str(side * side) in str(caught.value)
     assert caught.value.status == 413 and caught.value.code == "image_too_large"
 

@@ -16,7 +16,7 @@
      use the unversioned paths (/v2/models/NAME/infer), which is what the runtime sends.
    - Model metadata lists no inputs, outputs or platform unless model-settings.json declares them,
      so the runtime takes names and datatypes from the entry's config.pbtxt, never from the server.
-   - The v2 `timeout` request parameter is accepted and ignored.
+   - MLServer accepts the v2 `timeout` request parameter and ignores it (vitserve pools honour it).
    - vitserve pools serve REST only; MLServer and Triton serve gRPC on a separate port.
 """
 
