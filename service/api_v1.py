@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 
 from export.repository import ModelEntry
+from export.shapes import shape_name
 from service.dependencies import deadline, get_state, observed, read_body, ready_state, unless_disconnected
 from service.errors import APIError
 from service.imaging import DecodedImage, check_content_type, decode_image, probe_image
@@ -35,17 +36,27 @@ Pool = Literal["global", "windowed"]
 
 @dataclass(frozen=True)
 class RouteOverrides:
-    """What a request forces instead of the automatic routing decision."""
+    """What a request asks of the routing decision: forced model/pool/bucket, its latency budget, full detail."""
 
     model: str | None = None
     pool: Pool | None = None
     bucket: int | None = None
+    budget_ms: float | None = None
+    full_detail: bool = False
 
     def route(self, state: ServingState, height: int, width: int) -> Route:
         model = self.model
         if self.pool is not None and model is None:
             model = {pool: backbone for backbone, pool in state.router.pools.items()}[self.pool]
-        return state.router.route(height, width, override_model=model, override_bucket=self.bucket)
+        return state.router.route(
+            height,
+            width,
+            override_model=model,
+            override_bucket=self.bucket,
+            budget_ms=self.budget_ms,
+            full_detail=self.full_detail,
+            waits=state.pool_waits(),
+        )
 
 
 def route_overrides(
@@ -53,9 +64,23 @@ def route_overrides(
     pool: Annotated[
         Pool | None, Query(alias="route", description="Force the global or windowed pool.")
     ] = None,
-    bucket: Annotated[int | None, Query(gt=0, description="Force this resolution bucket.")] = None,
+    bucket: Annotated[int | None, Query(gt=0, description="Force this square resolution bucket.")] = None,
+    detail: Annotated[
+        Literal["auto", "full"],
+        Query(description="full: the most detail whatever the budget and the queues (no degradation)."),
+    ] = "auto",
+    timeout_ms: Annotated[
+        float | None, Query(gt=0, description="Per-request deadline and latency budget in ms.")
+    ] = None,
+    budget_ms: Annotated[
+        float | None, Query(gt=0, description="Latency budget in ms (GET /v1/route; default timeout_ms).")
+    ] = None,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0)] = None,
 ) -> RouteOverrides:
-    return RouteOverrides(model, pool, bucket)
+    """The budget is budget_ms, else timeout_ms, else X-Request-Timeout-Ms, else settings.target_latency_ms."""
+    return RouteOverrides(
+        model, pool, bucket, budget_ms or timeout_ms or x_request_timeout_ms, detail == "full"
+    )
 
 
 Overrides = Annotated[RouteOverrides, Depends(route_overrides)]
@@ -76,19 +101,8 @@ class RoutedImage:
         )
 
 
-def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
-    return RouteInfo(
-        model=route.model,
-        entry=entry.name,
-        pool=route.pool,
-        bucket=route.bucket,
-        tokens=route.tokens,
-        image_tokens=route.image_tokens,
-        scale=route.scale,
-        resized=route.resized,
-        resize_mode=route.resize_mode,
-        reason=route.reason,
-    )
+def _route_info(route: Route) -> RouteInfo:
+    return RouteInfo.model_validate(route.to_dict())
 
 
 def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> RoutedImage:
@@ -97,18 +111,18 @@ def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> Rou
     started = time.perf_counter()
     header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
     route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.model, route.bucket)
+    entry = state.entries[route.entry]
     decoded = decode_image(
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=route.bucket,
+        target_side=route.target_side,
         mode=route.resize_mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
         decoded.pixels,
-        route.bucket,
+        route.shape,
         entry.mean,
         entry.std,
         route.resize_mode,
@@ -152,7 +166,9 @@ async def _run(
         loop = request.app.state.loop
         routed = await loop.run_in_executor(state.cpu_pool, _prepare, state, data, overrides)
         record.route, record.model = routed.route.pool, routed.route.model
-        metrics.route_decisions.labels(routed.route.pool, str(routed.route.bucket)).inc()
+        metrics.route_decisions.labels(routed.route.pool, shape_name(routed.route.shape)).inc()
+        if routed.route.degraded:
+            metrics.route_degraded.labels(routed.route.pool).inc()
         metrics.preprocess_duration.labels(routed.route.pool).observe(
             (routed.timings["decode_ms"] + routed.timings["preprocess_ms"]) / 1e3
         )
@@ -192,7 +208,7 @@ async def classify(
             Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
             for i in order
         ],
-        route=_route_info(routed.route, routed.entry),
+        route=_route_info(routed.route),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
@@ -211,7 +227,7 @@ async def embed(
     return EmbedResponse(
         embedding=vector.tolist(),
         dim=int(vector.size),
-        route=_route_info(routed.route, routed.entry),
+        route=_route_info(routed.route),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
@@ -224,22 +240,16 @@ async def explain_route(
     height: Annotated[int, Query(gt=0, le=1_000_000)],
     overrides: Overrides,
 ) -> RouteResponse:
-    """The routing decision for an image size and the cost estimates behind it; runs no model."""
+    """The routing decision for an image size under the live queues, and every candidate behind it; runs no model."""
     with observed(state.metrics, "route") as record:
         route = overrides.route(state, height, width)
         record.route, record.model = route.pool, route.model
-        info = _route_info(route, state.entry_for(route.model, route.bucket))
-        return RouteResponse(
-            **info.model_dump(),
-            width=width,
-            height=height,
-            candidates=list(route.candidates),
-        )
+        return RouteResponse(**_route_info(route).model_dump(), width=width, height=height)
 
 
 @router.get("/models", response_model=ModelsResponse)
 async def list_served_models(state: Annotated[ServingState, Depends(get_state)]) -> ModelsResponse:
-    """Served entries with their bucket, runtime and readiness."""
+    """Served entries with their shape, measured batch limit, runtime and readiness."""
     models = [
         ModelInfo(
             name=e.name,
@@ -247,15 +257,20 @@ async def list_served_models(state: Annotated[ServingState, Depends(get_state)])
             arch=e.arch,
             pool=state.pool_of(e),
             bucket=e.bucket,
+            shape=e.shape,
             tokens=e.tokens,
             attention=list(e.attention),
             precision=e.precision,
             platform=e.platform,
             runtime=state.runtimes[e.name].describe() if e.name in state.runtimes else "loading",
-            max_batch_size=e.max_batch_size,
+            max_batch_size=state.batch_limit(e),
+            cost_source=state.costs[e.name].source if e.name in state.costs else "estimated from FLOPs",
+            batch_seconds={str(b): s for b, s in sorted(state.costs[e.name].seconds.items())}
+            if e.name in state.costs
+            else {},
             ready=state.ready and e.name in state.runtimes,
         )
         for e in state.entries.values()
     ]
-    backbones = {b: sorted(buckets) for b, buckets in state.backbones.items()}
+    backbones = {b: [shape_name(s) for s in shapes] for b, shapes in state.backbones.items()}
     return ModelsResponse(ready=state.ready, models=models, backbones=backbones)

@@ -1,14 +1,15 @@
-"""RGB uint8 pixels -> normalized float32 CHW tensor of one resolution bucket.
+"""RGB uint8 pixels -> normalized float32 CHW tensor of one input shape (a square bucket or H x W).
 
 Runs in the gateway's thread pool, so it is plain C work (Pillow resampling, numpy ufuncs) that
 releases the GIL; there is no per-pixel Python. The result is written straight into `out`, which
 the gateway points at its slot in the batch buffer, so the only copy of the tensor is that one.
 
 Geometry (`resize_geometry`, shared with the router so its explanation matches what is done):
-- "pad": scale so the long side equals the bucket, keep the aspect ratio, place the content at the
+- "pad": scale so the image just fits the shape (the long side of a square bucket), keep the aspect ratio, place the content at the
   top-left and pad bottom/right with zeros *after* normalization, i.e. with the mean colour, which
   is what the model sees as "no signal".
-- "crop": scale so the short side equals the bucket and keep the centered bucket x bucket square.
+- "crop": scale so the image just covers the shape (the short side of a square bucket) and keep its
+  centered H x W window.
   Only that square of the source is resampled (Pillow's `box`): the same pixels as
   resize-then-center-crop when the scaled size is whole, exactly centered (sub-pixel) otherwise,
   and the discarded margins are never resampled.
@@ -26,6 +27,8 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
+from export.shapes import ShapeSpec, as_shape
+
 ResizeMode = Literal["pad", "crop"]
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 REDUCING_GAP = 3.0
@@ -33,7 +36,7 @@ REDUCING_GAP = 3.0
 
 @dataclass(frozen=True)
 class ResizeGeometry:
-    """How an image of a given size lands in a bucket.
+    """How an image of a given size lands in a bucket (an int side or a (height, width) shape).
 
     `scale` is output pixels per source pixel (the short side of a padded image is rounded to whole
     pixels, so its own scale differs by under half a pixel); `resized_size` is the whole
@@ -42,7 +45,7 @@ class ResizeGeometry:
     right, bottom) region of the source that ends up in the bucket, in source pixels.
     """
 
-    bucket: int
+    bucket: ShapeSpec
     mode: ResizeMode
     scale: float
     resized_size: tuple[int, int]
@@ -50,30 +53,36 @@ class ResizeGeometry:
     source_box: tuple[float, float, float, float]
 
 
-def resize_geometry(width: int, height: int, bucket: int, mode: ResizeMode) -> ResizeGeometry:
-    """Compute where a `width` x `height` image goes in a `bucket` x `bucket` input."""
+def resize_geometry(width: int, height: int, bucket: ShapeSpec, mode: ResizeMode) -> ResizeGeometry:
+    """Compute where a `width` x `height` image goes in a `bucket` (side, or (height, width)) input."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if bucket < 1:
+    out_height, out_width = as_shape(bucket)
+    if min(out_height, out_width) < 1:
         raise ValueError(f"bucket must be a positive number of pixels, got {bucket}")
     if mode == "pad":
-        scale = bucket / max(width, height)
-        resized = (_scaled(width, scale, bucket), _scaled(height, scale, bucket))
+        scale = min(out_width / width, out_height / height)
+        resized = (_scaled(width, scale, out_width), _scaled(height, scale, out_height))
         return ResizeGeometry(bucket, mode, scale, resized, resized, (0.0, 0.0, float(width), float(height)))
     if mode == "crop":
-        side = min(width, height)
-        scale = bucket / side
-        left, top = (width - side) / 2, (height - side) / 2
-        resized = (max(bucket, round(width * scale)), max(bucket, round(height * scale)))
+        scale = max(out_width / width, out_height / height)
+        kept_width, kept_height = min(width, out_width / scale), min(height, out_height / scale)
+        left, top = (width - kept_width) / 2, (height - kept_height) / 2
+        resized = (max(out_width, round(width * scale)), max(out_height, round(height * scale)))
         return ResizeGeometry(
-            bucket, mode, scale, resized, (bucket, bucket), (left, top, left + side, top + side)
+            bucket,
+            mode,
+            scale,
+            resized,
+            (out_width, out_height),
+            (left, top, left + kept_width, top + kept_height),
         )
     raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
 def preprocess(
     image: np.ndarray,
-    bucket: int,
+    bucket: ShapeSpec,
     mean: Sequence[float],
     std: Sequence[float],
     mode: ResizeMode = "pad",
@@ -81,7 +90,7 @@ def preprocess(
     *,
     original_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Resize `image` (H, W, 3 uint8) into the bucket and normalize to float32 (3, bucket, bucket).
+    """Resize `image` (H, W, 3 uint8) into the bucket and normalize to float32 (3, *shape).
 
     Values are (x / 255 - mean) / std per channel. With `out` (any writable float32 array of that
     shape, e.g. a view into a batch buffer) the result is written there and `out` is returned.
@@ -141,12 +150,13 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image is empty: shape {image.shape}")
 
 
-def _output(out: np.ndarray | None, bucket: int) -> np.ndarray:
+def _output(out: np.ndarray | None, bucket: ShapeSpec) -> np.ndarray:
+    shape = (3, *as_shape(bucket))
     if out is None:
-        return np.empty((3, bucket, bucket), dtype=np.float32)
-    if out.shape != (3, bucket, bucket) or out.dtype != np.float32 or not out.flags.writeable:
+        return np.empty(shape, dtype=np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.writeable:
         raise ValueError(
-            f"out must be a writable float32 array of shape (3, {bucket}, {bucket}), "
+            f"out must be a writable float32 array of shape {shape}, "
             f"got {out.dtype} {out.shape} writeable={out.flags.writeable}"
         )
     return out

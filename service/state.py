@@ -1,6 +1,9 @@
-"""What a running vitserve process serves: repository entries, their runtimes, batchers and router.
+"""What a running vitserve process serves: repository entries, their runtimes, costs, batchers and router.
 
 Built once at start-up (lifespan), read by the request handlers through FastAPI dependencies.
+Start-up order: read the repository, check the routing against it, load and warm every runtime,
+calibrate each entry's cost (service/calibration.py), then size each batcher at its best measured
+batch and build the router on the calibrated costs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from export.repository import ModelEntry, read_repository
+from export.shapes import Shape, shape_name
 from service.batcher import Batcher, BatcherGroup
+from service.calibration import EntryCost, measure, read_calibration, write_calibration
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, load_runtime
@@ -42,10 +47,8 @@ class ServingState:
     cpu_pool: ThreadPoolExecutor | None = None
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
 
-    backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
-
-    def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
-        return self.backbones[backbone][bucket]
+    backbones: dict[str, dict[Shape, ModelEntry]] = field(default_factory=dict)
+    costs: dict[str, EntryCost] = field(default_factory=dict)
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)
@@ -79,6 +82,9 @@ class ServingState:
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
+        self.costs = await loop.run_in_executor(None, self._calibrate, entries)
+        if self.router is not None:
+            self.router = build_router(entries, settings, self.costs)
         self.batchers = BatcherGroup(self.metrics)
         for entry in entries:
             concurrency = self._concurrency(entry)
@@ -88,7 +94,7 @@ class ServingState:
                 pool=self.pool_of(entry),
                 bucket=entry.bucket,
                 input_shape=entry.input_shape,
-                max_batch_size=settings.max_batch_size or entry.max_batch_size,
+                max_batch_size=settings.max_batch_size or self.batch_limit(entry),
                 max_queue_delay_s=(
                     settings.max_queue_delay_ms / 1000
                     if settings.max_queue_delay_ms is not None
@@ -102,6 +108,45 @@ class ServingState:
             )
             self.metrics.model_ready.labels(entry.name).set(1)
         self.ready = True
+
+    def _calibrate(self, entries: list[ModelEntry]) -> dict[str, EntryCost]:
+        """Costs from the calibration file, else measured on each local runtime; remote entries
+        without a file entry are left to the router's FLOP estimate."""
+        settings = self.settings
+        costs = read_calibration(settings.calibration) if settings.calibration is not None else {}
+        for entry in entries:
+            if entry.name in costs or settings.runtime_for(entry.name, entry.backbone) == "triton":
+                continue
+            costs[entry.name] = measure(
+                self.runtimes[entry.name].run,
+                entry.input_shape,
+                entry.max_batch_size,
+                settings.calibration_max_run_s,
+            )
+            log.info("calibrated", extra={"model": entry.name, "seconds": dict(costs[entry.name].seconds)})
+        if settings.calibration_out is not None:
+            write_calibration(settings.calibration_out, costs)
+        return costs
+
+    def batch_limit(self, entry: ModelEntry) -> int:
+        """The batch size with the best calibrated throughput, within config.pbtxt's max_batch_size."""
+        cost = self.costs.get(entry.name)
+        return entry.max_batch_size if cost is None else min(entry.max_batch_size, cost.best_batch)
+
+    def pool_waits(self) -> dict[str, float]:
+        """Expected seconds before a new request of each pool starts: the calibrated time of the work
+        queued and running there. Local entries of a pool share its cores, so their work adds up."""
+        waits: dict[str, float] = defaultdict(float)
+        if self.batchers is None:
+            return waits
+        for batcher in self.batchers:
+            cost = self.costs.get(batcher.model)
+            items = batcher.pending_tokens // batcher.tokens_per_item
+            if cost is not None and items:
+                waits[batcher.pool] += cost.work_seconds(items, batcher.rows) / self._concurrency(
+                    self.entries[batcher.model]
+                )
+        return waits
 
     def _concurrency(self, entry: ModelEntry) -> int:
         """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
@@ -138,15 +183,17 @@ class ServingState:
             self.metrics.model_ready.labels(entry.name).set(0)
 
 
-def group_by_backbone(entries: list[ModelEntry]) -> dict[str, dict[int, ModelEntry]]:
-    """backbone -> bucket -> entry, buckets in ascending order."""
-    grouped: dict[str, dict[int, ModelEntry]] = defaultdict(dict)
-    for entry in sorted(entries, key=lambda e: (e.backbone, e.bucket)):
-        grouped[entry.backbone][entry.bucket] = entry
+def group_by_backbone(entries: list[ModelEntry]) -> dict[str, dict[Shape, ModelEntry]]:
+    """backbone -> shape -> entry, shapes in ascending order of pixels."""
+    grouped: dict[str, dict[Shape, ModelEntry]] = defaultdict(dict)
+    for entry in sorted(entries, key=lambda e: (e.backbone, e.shape[0] * e.shape[1], e.shape)):
+        grouped[entry.backbone][entry.shape] = entry
     return dict(grouped)
 
 
-def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
+def build_router(
+    entries: list[ModelEntry], settings: Settings, costs: dict[str, EntryCost] | None = None
+) -> Router:
     """The routing file when given, else one derived from the repository's two backbones."""
     configs = {e.backbone: e.config for e in entries}
     if settings.routing is not None:
@@ -155,13 +202,20 @@ def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
         routing = derive_routing(entries)
     served = group_by_backbone(entries)
     for backbone in routing.backbones().values():
-        missing = set(backbone.buckets) - set(served.get(backbone.model, {}))
+        missing = set(backbone.shapes) - set(served.get(backbone.model, {}))
         if missing:
             raise StartupError(
-                f"routing names {backbone.model} buckets {sorted(missing)} that the repository "
-                f"{settings.repository} does not hold; export them or fix the routing file"
+                f"routing names {backbone.model} buckets {sorted(shape_name(s) for s in missing)} that the "
+                f"repository {settings.repository} does not hold; export them or fix the routing file"
             )
-    return Router(routing, model_configs=configs)
+    return Router(
+        routing,
+        model_configs=configs,
+        entries={(e.backbone, e.shape): e.name for e in entries},
+        costs=costs,
+        policy=settings.routing_policy,
+        target_latency_ms=settings.target_latency_ms,
+    )
 
 
 def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
@@ -179,7 +233,7 @@ def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
     def route(pool: str) -> BackboneRoute:
         items = by_backbone[pools[pool][0]]
         return BackboneRoute(
-            model=items[0].backbone, config=items[0].arch, buckets=tuple(e.bucket for e in items)
+            model=items[0].backbone, config=items[0].arch, buckets=tuple(e.shape for e in items)
         )
 
     return RoutingConfig(global_backbone=route("global"), windowed_backbone=route("windowed"))
