@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 
 from service import api_v1, api_v2
+from service.accounting import Accounting
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.settings import Settings
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.serving = state
     install_error_handlers(app)
+    uncounted = {"/metrics", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(Accounting, metrics=state.metrics, uncounted=frozenset(uncounted - {None}))
     if settings.role == "gateway":
         app.include_router(api_v1.router)
     app.include_router(api_v2.router)
