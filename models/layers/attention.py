@@ -223,10 +223,10 @@ class LinearAttention(_MultiHeadProjection):
     """Kernelized linear attention (Katharopoulos et al.) with phi(x) = elu(x) + 1.
 
     out_i = phi(q_i) . sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + eps): cost linear in tokens.
-    It is computed with means instead of sums (eps scaled alike), the same ratio, but keep both products of order one at any
-    token count: the sums grow with tokens x head_dim and pass fp16's 65504 above about a thousand
-    tokens, which made fp16 outputs zero or NaN at 672 px and up. phi(k) is scaled by 1/N before the
-    matmuls, so no fp16 intermediate ever holds a sum over tokens.
+    It is computed with means instead of sums (eps scaled alike): the same ratio, but both products
+    stay of order one at any token count. The sums grow with tokens x head_dim and pass fp16's 65504
+    above about a thousand tokens, which made fp16 outputs zero or NaN at 672 px and up; phi(k) is
+    scaled by 1/N before the matmuls, so no fp16 intermediate holds a sum over tokens.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6):
