@@ -35,6 +35,12 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p.add_argument("--buckets", type=_buckets, default=(), help="comma-separated square input sizes")
     p.add_argument("--format", dest="artifact_format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument(
+        "--instance-kind",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where Triton runs the entry, whatever the precision (auto: a GPU if the server has one)",
+    )
     p.add_argument("--repository", type=Path, default=settings.repository, help="env VITSERVE_REPOSITORY")
     p.add_argument(
         "--name", help="backbone name in the repository (entries are NAME_BUCKET); default: --model"
@@ -65,6 +71,7 @@ def _run_export(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         artifact_format=args.artifact_format,
         precision=args.precision,
+        instance_kind=args.instance_kind,
         name=args.name,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
