@@ -150,6 +150,23 @@ def _export_and_verify(model: nn.Module, request: ExportRequest, bucket: int, ve
     log(f"  onnx/{request.precision}: {report.summary()}")
 
 
+def entry_spec(request: ExportRequest, config: BackboneConfig, bucket: int) -> EntrySpec:
+    """What `request` writes into the config.pbtxt of its entry at `bucket`, known before any export runs."""
+    return EntrySpec(
+        name=f"{request.name or request.model}_{bucket}",
+        backbone=request.name or request.model,
+        arch=request.model,
+        config=config,
+        bucket=bucket,
+        artifact_format=request.artifact_format,
+        precision=request.precision,
+        max_batch_size=request.max_batch_size or default_max_batch(bucket),
+        max_queue_delay_us=request.max_queue_delay_us,
+        tokens=estimate_cost(config, bucket, bucket).tokens,
+        instance_kind=request.instance_kind,
+    )
+
+
 def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> list[ModelEntry]:
     """Export every bucket of `request`; returns the published entries. Raises ExportError, writing nothing."""
     _check_request(request)
@@ -169,19 +186,7 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
                 version_dir = stage / VERSION
                 version_dir.mkdir()
                 _write_artifacts(model, request, bucket, version_dir, log)
-                spec = EntrySpec(
-                    name=entry,
-                    backbone=backbone,
-                    arch=request.model,
-                    config=config,
-                    bucket=bucket,
-                    artifact_format=request.artifact_format,
-                    precision=request.precision,
-                    max_batch_size=request.max_batch_size or default_max_batch(bucket),
-                    max_queue_delay_us=request.max_queue_delay_us,
-                    tokens=estimate_cost(config, bucket, bucket).tokens,
-                    instance_kind=request.instance_kind,
-                )
+                spec = entry_spec(request, config, bucket)
                 (stage / "config.pbtxt").write_text(to_text(build_model_config(spec)))
                 (stage / LABELS_FILENAME).write_text("\n".join(config.label_names()) + "\n")
     except BaseException:

@@ -61,10 +61,11 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from export import ExportError, ExportRequest, export_model
+def export_request(args: argparse.Namespace):
+    """The ExportRequest of parsed `vitserve export` arguments (also how tests read the Dockerfile's exports)."""
+    from export import ExportRequest
 
-    request = ExportRequest(
+    return ExportRequest(
         model=args.model,
         repository=args.repository,
         buckets=args.buckets,
@@ -78,8 +79,13 @@ def _run_export(args: argparse.Namespace) -> int:
         fused=not args.unfused,
         overrides=dict(args.overrides),
     )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from export import ExportError, export_model
+
     try:
-        entries = export_model(request)
+        entries = export_model(export_request(args))
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

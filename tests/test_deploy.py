@@ -8,9 +8,11 @@ No tool is skipped: a missing one fails the test with the command that installs 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,9 +24,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from tritonclient.grpc import model_config_pb2
 
+from export.pipeline import entry_spec
+from export.triton_config import build_model_config
 from models import estimate_cost
 from models.registry import get_config
+from service.cli import build_parser, export_request
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import GLOBAL_ATTENTION
@@ -123,8 +129,24 @@ def containers(deployment: dict, init: bool = False) -> list[dict]:
     return spec["containers"] + (spec.get("initContainers", []) if init else [])
 
 
+@cache
+def vitserve_image() -> tuple[str, str]:
+    """(name, digest) every overlay pins the vitserve image to, from deploy/components/images."""
+    component = yaml.safe_load((DEPLOY / "components" / "images" / "kustomization.yaml").read_text())
+    (image,) = [i for i in component["images"] if i["name"] == "vitserve"]
+    return image.get("newName", "vitserve"), image["digest"]
+
+
+def image_name(container: dict) -> str:
+    return re.split(r"[@:]", container["image"], maxsplit=1)[0]
+
+
+def is_vitserve_image(container: dict) -> bool:
+    return image_name(container) == vitserve_image()[0]
+
+
 def is_vitserve(container: dict) -> bool:
-    return container["image"].split(":")[0] == "vitserve" and container.get("args") == ["serve"]
+    return is_vitserve_image(container) and container.get("args") == ["serve"]
 
 
 def named_port(container: dict, name: str) -> int | None:
@@ -475,9 +497,92 @@ def test_pools_run_on_the_overlay_backend(overlay: str) -> None:
         # /models in Triton is the volume the init container fills from the vitserve image.
         (init,) = spec["initContainers"]
         models = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
-        assert init["image"].split(":")[0] == "vitserve"
+        assert is_vitserve_image(init)
         assert any(m["name"] == models["name"] for m in init["volumeMounts"])
         assert container_env(deployment, init)["MODELS"] in image_backbones()
+
+
+def dockerfile_exports() -> dict[str, list[argparse.Namespace]]:
+    """Repository path -> the `vitserve export` invocations the Dockerfile writes into it, as the CLI parses them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    parser = build_parser()
+    exports: dict[str, list[argparse.Namespace]] = {}
+    for command in re.findall(r"vitserve (export [^&\n]+)", text):
+        args = parser.parse_args(shlex.split(command))
+        exports.setdefault(str(args.repository), []).append(args)
+    return exports
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlay_serves_fp16_entries_placed_on_the_gpu(overlay: str) -> None:
+    """The repository each Triton pool copies is exported fp16 with KIND_GPU instances, and the gateway reads it."""
+    b = build(overlay)
+    gateway = b.get("Deployment", "gateway")
+    gateway_repository = str(settings_of(container_env(gateway, containers(gateway)[0])).repository)
+    for name in ("pool-global", "pool-windowed"):
+        deployment = b.get("Deployment", name)
+        (init,) = pod_spec(deployment)["initContainers"]
+        env = container_env(deployment, init)
+        assert '"$SOURCE"' in init["args"][0], "the init container must copy from $SOURCE"
+        source = env["SOURCE"]
+        assert source == gateway_repository, f"{name} serves {source}, the gateway reads {gateway_repository}"
+        exported = {a.name: a for a in dockerfile_exports().get(source, [])}
+        assert env["MODELS"] in exported, f"the Dockerfile exports no {env['MODELS']} into {source}"
+        args = exported[env["MODELS"]]
+        assert (args.precision, args.instance_kind) == ("fp16", "gpu"), (
+            f"{source}/{args.name} is {args.precision} on {args.instance_kind}"
+        )
+        request = export_request(args)
+        for bucket in request.buckets:
+            config = build_model_config(entry_spec(request, get_config(request.model), bucket))
+            assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+            assert config.parameters["precision"].string_value == "fp16"
+    cpu_repository = {
+        str(settings_of(container_env(d, c)).repository)
+        for d in build("cpu").of("Deployment")
+        for c in containers(d)
+    }
+    assert cpu_repository != {gateway_repository}, "cpu pools must not serve the fp16 GPU repository"
+    for args in dockerfile_exports()[cpu_repository.pop()]:
+        assert args.precision == "fp32", f"the CPU repository's {args.name} is {args.precision}"
+
+
+def test_both_repositories_hold_the_same_backbones_and_buckets() -> None:
+    """The gateway's routing tables are the same whichever overlay runs: only precision and placement differ."""
+    exports = dockerfile_exports()
+    assert len(exports) == 2, f"expected a CPU and a GPU repository, the Dockerfile writes {sorted(exports)}"
+    shapes = [{(a.model, a.name, a.buckets) for a in invocations} for invocations in exports.values()]
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_pinned(overlay: str) -> None:
+    """vitserve by the digest of deploy/components/images, Triton by its release tag; never latest or untagged."""
+    name, digest = vitserve_image()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment, init=True):
+            image = container["image"]
+            assert not image.endswith(":latest"), image
+            if is_vitserve_image(container):
+                assert image == f"{name}@{digest}", image
+            else:
+                assert re.fullmatch(r"[\w./-]+:\d\d\.\d\d-py3(@sha256:[0-9a-f]{64})?", image), image
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_spreads_its_own_pods_over_zones_and_nodes(overlay: str) -> None:
+    b = build(overlay)
+    for deployment in b.of("Deployment"):
+        name = deployment["metadata"]["name"]
+        constraints = pod_spec(deployment).get("topologySpreadConstraints", [])
+        keys = {c["topologyKey"] for c in constraints}
+        assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}, f"{name}: {keys}"
+        for constraint in constraints:
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert b.deployments_selected(selector) == [deployment], f"{name} spreads other pods too"
+            assert constraint["maxSkew"] == 1 and constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+            assert constraint.get("matchLabelKeys") == ["pod-template-hash"], name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
