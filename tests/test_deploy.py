@@ -263,7 +263,7 @@ def target_labels(b: Build) -> frozenset[str]:
 
 
 SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
-SERIES_NAME = re.compile(r"\b(vitserve_\w+|\w+:\w+:\w+)")
+SERIES_NAME = re.compile(r"\b(vitserve_\w+|kube_\w+|\w+:\w+:\w+)")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 
@@ -359,6 +359,8 @@ def test_custom_resources_have_their_required_fields(overlay: str) -> None:
             assert urlsplit(meta["serverAddress"]).scheme in ("http", "https")
             assert meta["query"].strip()
             number(meta["threshold"])
+            # The default (true) reads an empty result, e.g. no gateway scraped, as zero load.
+            assert meta["ignoreNullValues"] == "false", so["metadata"]["name"]
     for monitor in b.of("ServiceMonitor"):
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["spec"]["selector"]["matchLabels"]
@@ -772,6 +774,7 @@ def test_prometheus_rules_use_registered_metrics_and_labels(overlay: str) -> Non
     b = build(overlay)
     known = {name: labels | target_labels(b) for name, labels in registered_series().items()}
     known["up"] = target_labels(b)
+    known.update({name: labels | OPERATOR_TARGET_LABELS for name, labels in KUBE_STATE_SERIES.items()})
     for group in rules_spec(b)["groups"]:
         for rule in group["rules"]:
             where = rule.get("record") or rule["alert"]
@@ -796,60 +799,72 @@ def series(name: str, value: str, **labels: str) -> dict:
     return {"series": f"{name}{{{body}}}", "values": value}
 
 
+def scraped(name: str, value: str, deployment: str, pod: str, namespace: str = NAMESPACE, **own: str) -> dict:
+    """A vitserve series as stored under the Operator: its target labels, `component` from the pod, and
+    vitserve's own `endpoint` where it has one (the ServiceMonitor's metricRelabelings restore it from
+    exported_endpoint), else the port name."""
+    component = "gateway" if deployment == "gateway" else "pool"
+    target = {
+        "job": deployment,
+        "instance": f"10.0.{len(pod)}.{sum(map(ord, pod)) % 250}:8000",
+        "namespace": namespace,
+        "service": deployment,
+        "pod": pod,
+        "container": component,
+        "endpoint": "http",
+        "component": component,
+    }
+    return series(name, value, **{**target, **own})
+
+
+def kube_state(name: str, value: str, namespace: str, **own: str) -> dict:
+    """A kube-state-metrics series as kube-prometheus-stack stores it (honorLabels: the object's namespace)."""
+    target = {
+        "job": "kube-state-metrics",
+        "instance": "10.0.9.9:8080",
+        "service": "kube-prometheus-stack-kube-state-metrics",
+        "container": "kube-state-metrics",
+        "endpoint": "http",
+        "pod": "kube-prometheus-stack-kube-state-metrics-5d4f7-abcde",
+    }
+    return series(name, value, **{**target, "namespace": namespace, **own})
+
+
+# The series kube-state-metrics exports that the alerts read, with their own labels.
+KUBE_STATE_SERIES = {
+    "kube_horizontalpodautoscaler_spec_max_replicas": frozenset({"namespace", "horizontalpodautoscaler"}),
+    "kube_horizontalpodautoscaler_status_desired_replicas": frozenset(
+        {"namespace", "horizontalpodautoscaler"}
+    ),
+    "kube_pod_status_unschedulable": frozenset({"namespace", "pod"}),
+}
+
+
 # Gateway pods in our namespace, a vitserve pool process reporting its own queue, and a second install.
 PENDING = [
-    series(
-        "vitserve_pending_tokens",
-        "1000x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-a",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "500x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-b",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "200000x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-a",
-        pool="windowed",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "700x10",
-        component="pool",
-        namespace=NAMESPACE,
-        pod="pool-a",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "9999x10",
-        component="gateway",
-        namespace="staging",
-        pod="gw-x",
-        pool="global",
-    ),
-    series("vitserve_inflight_requests", "40x10", component="gateway", namespace=NAMESPACE, pod="gw-a"),
-    series("vitserve_inflight_requests", "30x10", component="gateway", namespace=NAMESPACE, pod="gw-b"),
-    series("vitserve_inflight_requests", "12x10", component="pool", namespace=NAMESPACE, pod="pool-a"),
-    series("vitserve_inflight_requests", "99x10", component="gateway", namespace="staging", pod="gw-x"),
+    scraped("vitserve_pending_tokens", "1000x10", "gateway", "gw-a", pool="global"),
+    scraped("vitserve_pending_tokens", "500x10", "gateway", "gw-b", pool="global"),
+    scraped("vitserve_pending_tokens", "200000x10", "gateway", "gw-a", pool="windowed"),
+    scraped("vitserve_pending_tokens", "700x10", "pool-global", "pool-a", pool="global"),
+    scraped("vitserve_pending_tokens", "9999x10", "gateway", "gw-x", namespace="staging", pool="global"),
+    scraped("vitserve_inflight_requests", "40x10", "gateway", "gw-a"),
+    scraped("vitserve_inflight_requests", "30x10", "gateway", "gw-b"),
+    scraped("vitserve_inflight_requests", "12x10", "pool-global", "pool-a"),
+    scraped("vitserve_inflight_requests", "99x10", "gateway", "gw-x", namespace="staging"),
 ]
 EXPECTED_SIGNAL = {"global": 1500, "windowed": 200000, None: 70}
 
 
-def requests(endpoint: str, status: str, per_minute: int) -> dict:
-    labels = {"component": "gateway", "namespace": NAMESPACE, "endpoint": endpoint, "route": "global"}
-    return series(
-        "vitserve_requests_total", f"0+{per_minute}x30", **labels, model="vit_global", status=status
+def requests(endpoint: str, status: str, per_minute: int, pod: str = "gw-a") -> dict:
+    return scraped(
+        "vitserve_requests_total",
+        f"0+{per_minute}x30",
+        "gateway",
+        pod,
+        endpoint=endpoint,
+        route="global",
+        model="vit_global",
+        status=status,
     )
 
 
@@ -889,9 +904,7 @@ def test_keda_queries_and_pending_tokens_rule_count_each_pool_once(overlay: str,
 
 def test_high_5xx_ratio_alert_fires_only_for_the_failing_endpoint(tmp_path: Path) -> None:
     b = build("cpu")
-    (alert,) = [
-        r for g in rules_spec(b)["groups"] for r in g["rules"] if r.get("alert") == "VitserveHigh5xxRatio"
-    ]
+    alert = alert_rule(b, "VitserveHigh5xxRatio")
     firing = {
         "exp_labels": {"severity": "critical", "namespace": NAMESPACE, "endpoint": "classify"},
         "exp_annotations": {
@@ -901,15 +914,151 @@ def test_high_5xx_ratio_alert_fires_only_for_the_failing_endpoint(tmp_path: Path
     }
     test = {
         "interval": "1m",
+        # Two gateway pods: the ratio is per endpoint across pods, and embed's clean traffic stays apart.
         "input_series": [
-            requests("classify", "200", 90),
-            requests("classify", "503", 10),
+            *(requests("classify", "200", 45, pod) for pod in ("gw-a", "gw-b")),
+            *(requests("classify", "503", 5, pod) for pod in ("gw-a", "gw-b")),
             requests("embed", "200", 100),
             requests("embed", "500", 0),
         ],
         "alert_rule_test": [
             {"eval_time": "4m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": []},
             {"eval_time": "15m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": [firing]},
+        ],
+    }
+    promtool_test(tmp_path, b, [test])
+
+
+def alert_rule(b: Build, name: str) -> dict:
+    (rule,) = [r for g in rules_spec(b)["groups"] for r in g["rules"] if r.get("alert") == name]
+    return rule
+
+
+def render(template: str, labels: dict[str, str], value: str) -> str:
+    """The annotation Prometheus sends, for templates that read only `$labels.x` and a plain `$value`."""
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+    text = text.replace("{{ $value }}", value)
+    assert "{{" not in text, f"render() cannot expand {text!r}"
+    return text
+
+
+def expect_alert(b: Build, name: str, eval_time: str, labels: list[dict[str, str]], value: str = "") -> dict:
+    """An alert_rule_test: `name` fires at `eval_time` with exactly these label sets (the rule's own labels
+    added) and its annotations expanded for them."""
+    rule = alert_rule(b, name)
+    alerts = []
+    for found in labels:
+        annotations = {k: render(v, found, value) for k, v in rule.get("annotations", {}).items()}
+        alerts.append({"exp_labels": {**rule.get("labels", {}), **found}, "exp_annotations": annotations})
+    return {"eval_time": eval_time, "alertname": name, "exp_alerts": alerts}
+
+
+def test_pool_down_fires_for_a_pool_with_no_endpoints_and_for_one_with_all_down(tmp_path: Path) -> None:
+    b = build("cpu")
+    gateways = [
+        scraped("vitserve_pending_tokens", "0x20", "gateway", pod, pool=pool)
+        for pod in ("gw-a", "gw-b")
+        for pool in ("global", "windowed")
+    ]
+    up = [
+        scraped("up", "1x20", "gateway", "gw-a"),
+        scraped("up", "1x20", "gateway", "gw-b"),
+    ]
+    no_windowed_endpoint = {
+        "interval": "1m",
+        "input_series": gateways
+        + up
+        + [
+            scraped("up", "1x20", "pool-global", "pool-global-1"),
+            scraped("up", "1x20", "pool-global", "pool-global-2"),
+        ],
+        "alert_rule_test": [
+            expect_alert(b, "VitservePoolDown", "1m", []),
+            expect_alert(b, "VitservePoolDown", "10m", [{"namespace": NAMESPACE, "pool": "windowed"}]),
+        ],
+    }
+    global_all_down = {
+        "interval": "1m",
+        "input_series": gateways
+        + up
+        + [
+            scraped("up", "0x20", "pool-global", "pool-global-1"),
+            scraped("up", "0x20", "pool-global", "pool-global-2"),
+            scraped("up", "0x20", "pool-windowed", "pool-windowed-1"),
+            scraped("up", "1x20", "pool-windowed", "pool-windowed-2"),
+        ],
+        "alert_rule_test": [
+            expect_alert(b, "VitservePoolDown", "10m", [{"namespace": NAMESPACE, "pool": "global"}])
+        ],
+    }
+    promtool_test(tmp_path, b, [no_windowed_endpoint, global_all_down])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pool_down_maps_every_pool_to_its_service(overlay: str) -> None:
+    """The alert derives `pool` from the Service name: pool-<vitserve/pool label>."""
+    b = build(overlay)
+    for service in b.of("Service"):
+        pool = service["spec"]["selector"].get("vitserve/pool")
+        if pool:
+            assert service["metadata"]["name"] == f"pool-{pool}"
+
+
+@pytest.mark.parametrize("overlay", ("cpu", "cpu-hpa"))
+def test_scaler_at_maximum_fires_for_vitserve_autoscalers_only(overlay: str, tmp_path: Path) -> None:
+    """KEDA's HPAs (keda-hpa-<name>) and plain HPAs (<name>) at their maximum, not another app's."""
+    b = build(overlay)
+    prefix = "keda-hpa-" if overlay == "cpu" else ""
+    hpas = [
+        (NAMESPACE, f"{prefix}pool-windowed", "16", "16"),
+        (NAMESPACE, f"{prefix}pool-global", "5", "20"),
+        (NAMESPACE, f"{prefix}gateway", "2", "20"),
+        ("shop", f"{prefix}gateway", "10", "10"),
+    ]
+    input_series = [scraped("up", "1x30", "gateway", "gw-a")]
+    for namespace, name, desired, maximum in hpas:
+        input_series += [
+            kube_state(
+                "kube_horizontalpodautoscaler_status_desired_replicas",
+                f"{desired}x30",
+                namespace,
+                horizontalpodautoscaler=name,
+            ),
+            kube_state(
+                "kube_horizontalpodautoscaler_spec_max_replicas",
+                f"{maximum}x30",
+                namespace,
+                horizontalpodautoscaler=name,
+            ),
+        ]
+    firing = [{"namespace": NAMESPACE, "horizontalpodautoscaler": f"{prefix}pool-windowed"}]
+    test = {
+        "interval": "1m",
+        "input_series": input_series,
+        "alert_rule_test": [
+            expect_alert(b, "VitserveScalerAtMaximum", "10m", []),
+            expect_alert(b, "VitserveScalerAtMaximum", "20m", firing, value="16"),
+        ],
+    }
+    promtool_test(tmp_path, b, [test])
+
+
+def test_pods_unschedulable_fires_for_vitserve_pods_only(tmp_path: Path) -> None:
+    b = build("gpu")
+    stuck = "pool-windowed-7d9f8b6c5-x2x9k"
+    input_series = [
+        scraped("up", "1x20", "gateway", "gw-a"),
+        kube_state("kube_pod_status_unschedulable", "1x20", NAMESPACE, pod=stuck),
+        kube_state("kube_pod_status_unschedulable", "0x20", NAMESPACE, pod="pool-global-6c8d9f7b4-q7w2e"),
+        kube_state("kube_pod_status_unschedulable", "1x20", "shop", pod="gateway-5f6d7c8b9-a1b2c"),
+        kube_state("kube_pod_status_unschedulable", "1x20", NAMESPACE, pod="debug-shell"),
+    ]
+    test = {
+        "interval": "1m",
+        "input_series": input_series,
+        "alert_rule_test": [
+            expect_alert(b, "VitservePodsUnschedulable", "3m", []),
+            expect_alert(b, "VitservePodsUnschedulable", "10m", [{"namespace": NAMESPACE, "pod": stuck}]),
         ],
     }
     promtool_test(tmp_path, b, [test])
