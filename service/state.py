@@ -17,6 +17,7 @@ from service.batcher import Batcher, BatcherGroup
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, load_runtime
+from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -41,6 +42,7 @@ class ServingState:
     draining: bool = False
     cpu_pool: ThreadPoolExecutor | None = None
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
 
@@ -69,21 +71,28 @@ class ServingState:
         self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
+        self.endpoints = EndpointRegistry(
+            settings.endpoint_concurrency,
+            settings.endpoint_refresh_s,
+            settings.endpoint_eject_s,
+            EndpointMetrics(self.metrics.registry),
+        )
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
             kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry), self.endpoints
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
         self.batchers = BatcherGroup(self.metrics)
         for entry in entries:
+            runtime = self.runtimes[entry.name]
             concurrency = self._concurrency(entry)
             self.batchers.add(
-                self.runtimes[entry.name].run,
+                runtime.run,
                 model=entry.name,
                 pool=self.pool_of(entry),
                 bucket=entry.bucket,
@@ -98,15 +107,17 @@ class ServingState:
                 tokens_per_item=max(1, entry.tokens),
                 max_batch_tokens=settings.max_batch_tokens,
                 max_concurrent_batches=concurrency,
+                capacity=getattr(getattr(runtime, "endpoints", None), "capacity", None),
                 executor=self._executor(self.pool_of(entry), concurrency),
             )
             self.metrics.model_ready.labels(entry.name).set(1)
         self.ready = True
 
     def _concurrency(self, entry: ModelEntry) -> int:
-        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
         remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
-        return self.settings.remote_concurrency if remote else 1
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
@@ -131,6 +142,8 @@ class ServingState:
                 await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        if self.endpoints is not None:
+            self.endpoints.close()
         for executor in (self.cpu_pool, *self.inference_pools.values()):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
