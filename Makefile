@@ -1,16 +1,22 @@
 # vitserve: every dependency the tests and the server need is installed from here.
-#   make serve   install, build the default model repository if missing, serve on $(HOST):$(PORT)
+#   make serve   install, build the default model repository if missing, serve it (VITSERVE_HOST:VITSERVE_PORT)
 #   make test    install, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The checkout's own code, whichever checkout the virtualenv's editable install points at.
+VITSERVE := $(BIN)/python -m service.cli
 MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
-REPOSITORY ?= model_repository
+# The repository `make export` builds and `make serve` serves: REPOSITORY=..., else VITSERVE_REPOSITORY.
+REPOSITORY ?= $(or $(VITSERVE_REPOSITORY),model_repository)
 REPOSITORY_STAMP := $(REPOSITORY)/.default-complete
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# Every other setting reaches vitserve as its VITSERVE_* variable (environment or `make serve VITSERVE_X=...`,
+# which make exports to the recipe). HOST, PORT and POLL_S become flags only when given on make's command
+# line, so a default here never overrides the environment.
+cli_flag = $(if $(filter command line,$(origin $(1))),--$(2) $($(1)))
+SERVE_FLAGS = $(call cli_flag,HOST,host) $(call cli_flag,PORT,port) $(call cli_flag,POLL_S,poll-s)
 # The default repository: a global-attention ViT for small inputs, a windowed Swin for large ones.
 GLOBAL_MODEL ?= vit_tiny_patch16_224
 GLOBAL_BUCKETS ?= 224,384
@@ -44,14 +50,14 @@ tools:
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 
 $(REPOSITORY_STAMP): | $(STAMP)
-	$(BIN)/vitserve export --model $(GLOBAL_MODEL) --name vit_global --buckets $(GLOBAL_BUCKETS) --repository $(REPOSITORY)
-	$(BIN)/vitserve export --model $(WINDOWED_MODEL) --name swin_windowed --buckets $(WINDOWED_BUCKETS) --repository $(REPOSITORY)
+	$(VITSERVE) export --model $(GLOBAL_MODEL) --name vit_global --buckets $(GLOBAL_BUCKETS) --repository $(REPOSITORY)
+	$(VITSERVE) export --model $(WINDOWED_MODEL) --name swin_windowed --buckets $(WINDOWED_BUCKETS) --repository $(REPOSITORY)
 	touch $(REPOSITORY_STAMP)
 
 export: $(REPOSITORY_STAMP)
 
 serve: $(STAMP) $(REPOSITORY_STAMP)
-	$(BIN)/vitserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+	$(VITSERVE) serve --repository $(REPOSITORY) $(SERVE_FLAGS)
 
 test: $(STAMP) $(MLSERVER_STAMP) tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
