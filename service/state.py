@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from export.repository import ModelEntry, read_repository
-from service.batcher import Batcher, BatcherGroup
+from service.batcher import Batcher, BatcherGroup, RunBatch
+from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
-from service.runtimes import Runtime, load_runtime
+from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -43,9 +44,26 @@ class ServingState:
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
+    lifecycle: ModelLifecycle | None = None
 
     def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
-        return self.backbones[backbone][bucket]
+        try:
+            return self.backbones[backbone][bucket]
+        except KeyError:
+            raise RuntimeUnavailable(
+                f"the route chose {backbone} at {bucket} px, whose entry is unloaded; load it with "
+                f"POST /v2/repository/models/{{entry}}/load (entries: POST /v2/repository/index)"
+            ) from None
+
+    def serve_entry(self, entry: ModelEntry) -> None:
+        """Serve `entry` (new, or a new version of a served one) from the next request on."""
+        self.entries[entry.name] = entry
+        self.backbones = group_by_backbone(list(self.entries.values()))
+
+    def withdraw_entry(self, name: str) -> None:
+        """Stop giving `name` to new requests (they get 404); accepted ones still finish."""
+        self.entries.pop(name)
+        self.backbones = group_by_backbone(list(self.entries.values()))
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)
@@ -80,28 +98,36 @@ class ServingState:
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
         self.batchers = BatcherGroup(self.metrics)
+        self.lifecycle = ModelLifecycle(self)
         for entry in entries:
-            concurrency = self._concurrency(entry)
-            self.batchers.add(
-                self.runtimes[entry.name].run,
-                model=entry.name,
-                pool=self.pool_of(entry),
-                bucket=entry.bucket,
-                input_shape=entry.input_shape,
-                max_batch_size=settings.max_batch_size or entry.max_batch_size,
-                max_queue_delay_s=(
-                    settings.max_queue_delay_ms / 1000
-                    if settings.max_queue_delay_ms is not None
-                    else entry.max_queue_delay_us / 1e6
-                ),
-                max_queue_size=settings.max_queue_size,
-                tokens_per_item=max(1, entry.tokens),
-                max_batch_tokens=settings.max_batch_tokens,
-                max_concurrent_batches=concurrency,
-                executor=self._executor(self.pool_of(entry), concurrency),
-            )
-            self.metrics.model_ready.labels(entry.name).set(1)
+            self.add_batcher(entry, self.lifecycle.adopt(entry, self.runtimes[entry.name]))
         self.ready = True
+        self.lifecycle.start_polling()
+
+    def add_batcher(self, entry: ModelEntry, run_batch: RunBatch) -> Batcher:
+        """The entry's batcher, with limits from the settings or else from its config.pbtxt."""
+        settings = self.settings
+        concurrency = self._concurrency(entry)
+        batcher = self.batchers.add(
+            run_batch,
+            model=entry.name,
+            pool=self.pool_of(entry),
+            bucket=entry.bucket,
+            input_shape=entry.input_shape,
+            max_batch_size=settings.max_batch_size or entry.max_batch_size,
+            max_queue_delay_s=(
+                settings.max_queue_delay_ms / 1000
+                if settings.max_queue_delay_ms is not None
+                else entry.max_queue_delay_us / 1e6
+            ),
+            max_queue_size=settings.max_queue_size,
+            tokens_per_item=max(1, entry.tokens),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_concurrent_batches=concurrency,
+            executor=self._executor(self.pool_of(entry), concurrency),
+        )
+        self.metrics.model_ready.labels(entry.name).set(1)
+        return batcher
 
     def _concurrency(self, entry: ModelEntry) -> int:
         """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
@@ -126,6 +152,8 @@ class ServingState:
         """Stop taking work, finish what is queued and running, release the threads."""
         self.ready = False
         self.draining = True
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_polling()
         if self.batchers is not None:
             try:
                 await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
