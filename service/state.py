@@ -58,12 +58,22 @@ class ServingState:
     def serve_entry(self, entry: ModelEntry) -> None:
         """Serve `entry` (new, or a new version of a served one) from the next request on."""
         self.entries[entry.name] = entry
-        self.backbones = group_by_backbone(list(self.entries.values()))
+        self._regroup()
 
     def withdraw_entry(self, name: str) -> None:
         """Stop giving `name` to new requests (they get 404); accepted ones still finish."""
         self.entries.pop(name)
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Group the entries again; a derived routing follows the buckets served (a routing file stays)."""
         self.backbones = group_by_backbone(list(self.entries.values()))
+        if self.router is None or self.settings.routing is not None:
+            return
+        try:
+            self.router = build_router(list(self.entries.values()), self.settings)
+        except StartupError as exc:
+            log.warning("routing kept", extra={"reason": str(exc)})
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)

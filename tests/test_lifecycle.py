@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from export.repository import ModelEntry, read_repository
 from service.lifecycle import RuntimeSlot
-from support.server import ServerProcess, running_server, scrape_metrics, v2_infer, wait_until
+from support.server import PNG, SMALL_PNG, ServerProcess, running_server, scrape_metrics, v2_infer, wait_until
 
 POLL_S = 0.2
 # The load generator's bounds: it stops by itself after this many requests per thread or seconds.
@@ -263,3 +263,29 @@ def test_slot_releases_the_old_runtime_after_its_last_batch() -> None:
     assert results == [1.0] and released == [1.0]
     slot.swap(None)
     assert released == [1.0, 2.0]
+
+
+def test_gateway_routes_to_buckets_published_while_it_serves(
+    photo_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """How `make serve` answers before the export finishes: it serves the first bucket of each backbone
+    and routes to the others as the background export publishes them (derived routing follows)."""
+    entries = read_repository(photo_repository)
+    held = max((e for e in entries if e.attention == ("global",)), key=lambda e: e.bucket)
+    root = tmp_path_factory.mktemp("lazy_repository")
+    for entry in entries:
+        if entry is not held:
+            shutil.copytree(entry.path, root / entry.name)
+    url = f"/v1/classify?model={held.backbone}&bucket={held.bucket}"
+    with running_server(tmp_path_factory.mktemp("lazy_server"), repository=root, poll_s=POLL_S) as server:
+
+        def classify() -> httpx.Response:
+            return httpx.post(server.url + url, content=SMALL_PNG, headers=PNG, timeout=60)
+
+        assert classify().status_code != 200
+        shutil.copytree(held.path, root / f".staging-{held.name}")
+        (root / f".staging-{held.name}").rename(root / held.name)
+        wait_until(lambda: classify().status_code == 200, f"the gateway to route to {held.name}")
+        assert classify().json()["route"]["bucket"] == held.bucket
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        assert held.bucket in models["backbones"][held.backbone]

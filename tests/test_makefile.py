@@ -8,6 +8,7 @@ real Makefile, and the last test runs the real `make serve` on a port chosen thr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,11 +54,18 @@ def test_no_flag_overrides_any_vitserve_variable(tmp_path: Path) -> None:
 
 
 def test_export_writes_into_the_environment_repository(tmp_path: Path) -> None:
+    """`make export` builds the first bucket of both backbones, then the others, all in VITSERVE_REPOSITORY."""
     repository = tmp_path / "elsewhere"
-    lines = make_dry_run("export", env={"VITSERVE_REPOSITORY": str(repository)})
+    lines = make_dry_run(
+        "export",
+        "GLOBAL_BUCKETS=224,384",
+        "WINDOWED_BUCKETS=448,896",
+        env={"VITSERVE_REPOSITORY": str(repository)},
+    )
     exports = [line for line in lines if "service.cli export" in line]
-    assert len(exports) == 2, lines
-    assert all(line.endswith(f"--repository {repository}") for line in exports), exports
+    assert [line.count(f"--repository {repository} &") for line in exports] == [2, 2], lines
+    first, others = (re.findall(r"--buckets (\S+)", line) for line in exports)
+    assert (first, others) == (["224", "448"], ["384", "896"])
     assert lines[-1] == f"touch {repository}/.default-complete"
 
 
@@ -72,7 +80,8 @@ def test_make_serve_listens_on_vitserve_port(photo_repository: Path, tmp_path: P
     """The issue's case: `VITSERVE_PORT=N make serve` must listen on N (it listened on 8000)."""
     repository = tmp_path / "repo"
     shutil.copytree(photo_repository, repository)
-    (repository / ".default-complete").touch()
+    for stamp in (".first-buckets-complete", ".default-complete"):
+        (repository / stamp).touch()
     port = free_port()
     env = {**os.environ, "VITSERVE_PORT": str(port), "VITSERVE_REPOSITORY": str(repository)}
     log_path = tmp_path / "serve.log"

@@ -21,9 +21,10 @@ started=$(date +%s.%N)
 setsid bash -c 'make serve PORT="$1" 2>&1 | while IFS= read -r line; do printf "%s %s\n" "$(date +%s.%N)" "$line"; done' \
     _ "$port" > "$work/serve.log" &
 pid=$!
-for _ in $(seq 1 1200); do
-    if curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null; then break; fi
+limit=$(( $(date +%s) + ${QUICKSTART_TIMEOUT_S:-1800} ))
+until curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null; do
     if ! kill -0 "$pid" 2>/dev/null; then cat "$work/serve.log"; echo "make serve exited" >&2; exit 1; fi
+    if [ "$(date +%s)" -gt "$limit" ]; then tail -50 "$work/serve.log"; echo "not ready after ${QUICKSTART_TIMEOUT_S:-1800} s" >&2; exit 1; fi
     sleep 0.5
 done
 .venv/bin/python -c "from PIL import Image; Image.new('RGB', (320, 240), (200, 30, 30)).save('example.jpg')"
