@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="After SIGTERM, keep listening this long (readiness 503, new requests 503) "
         "before closing, so load balancers stop routing here first.",
     )
+    poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between repository scans that load new versions and entries and unload "
+        "removed ones; 0 = off (the repository API, /v2/repository, still loads and unloads).",
+    )
     log_level: str = Field("warning", description="Log level (structured JSON logs on stderr).")
 
     def threads(self) -> int:
