@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from export.repository import ModelEntry, read_repository
-from service.batcher import Batcher, BatcherGroup
+from service.batcher import Batcher, BatcherGroup, RunBatch
+from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
-from service.runtimes import Runtime, load_runtime
+from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
+from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -46,11 +48,39 @@ class ServingState:
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
     drain_timed_out: bool = False
     _drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
+    lifecycle: ModelLifecycle | None = None
 
     def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
-        return self.backbones[backbone][bucket]
+        try:
+            return self.backbones[backbone][bucket]
+        except KeyError:
+            raise RuntimeUnavailable(
+                f"the route chose {backbone} at {bucket} px, whose entry is unloaded; load it with "
+                f"POST /v2/repository/models/{{entry}}/load (entries: POST /v2/repository/index)"
+            ) from None
+
+    def serve_entry(self, entry: ModelEntry) -> None:
+        """Serve `entry` (new, or a new version of a served one) from the next request on."""
+        self.entries[entry.name] = entry
+        self._regroup()
+
+    def withdraw_entry(self, name: str) -> None:
+        """Stop giving `name` to new requests (they get 404); accepted ones still finish."""
+        self.entries.pop(name)
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Group the entries again; a derived routing follows the buckets served (a routing file stays)."""
+        self.backbones = group_by_backbone(list(self.entries.values()))
+        if self.router is None or self.settings.routing is not None:
+            return
+        try:
+            self.router = build_router(list(self.entries.values()), self.settings)
+        except StartupError as exc:
+            log.warning("routing kept", extra={"reason": str(exc)})
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)
@@ -73,45 +103,70 @@ class ServingState:
             self.router = build_router(entries, settings)
         threads = settings.threads()
         loop = asyncio.get_running_loop()
+        self.endpoints = EndpointRegistry(
+            settings.endpoint_concurrency,
+            settings.endpoint_refresh_s,
+            settings.endpoint_eject_s,
+            EndpointMetrics(self.metrics.registry),
+        )
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
             kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry), self.endpoints
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
         self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
+        self.lifecycle = ModelLifecycle(self)
         for entry in entries:
-            self._decoder(self.pool_of(entry))
-            concurrency = self._concurrency(entry)
-            self.batchers.add(
-                self.runtimes[entry.name].run,
-                model=entry.name,
-                pool=self.pool_of(entry),
-                bucket=entry.bucket,
-                input_shape=entry.input_shape,
-                max_batch_size=settings.max_batch_size or entry.max_batch_size,
-                max_queue_delay_s=(
-                    settings.max_queue_delay_ms / 1000
-                    if settings.max_queue_delay_ms is not None
-                    else entry.max_queue_delay_us / 1e6
-                ),
-                max_queue_size=settings.max_queue_size,
-                tokens_per_item=max(1, entry.tokens),
-                max_batch_tokens=settings.max_batch_tokens,
-                max_concurrent_batches=concurrency,
-                executor=self._executor(self.pool_of(entry), concurrency),
-            )
-            self.metrics.model_ready.labels(entry.name).set(1)
+            runtime = self.runtimes[entry.name]
+            self.add_batcher(entry, self.lifecycle.adopt(entry, runtime), runtime)
         self.ready = True
+        self.lifecycle.start_polling()
+
+    def add_batcher(self, entry: ModelEntry, run_batch: RunBatch, runtime: Runtime) -> Batcher:
+        """The entry's batcher, with limits from the settings or else from its config.pbtxt.
+
+        A remote `runtime`'s endpoint budget bounds the batches in flight; it is read from whichever
+        runtime serves the entry at the time, since a new version may swap it."""
+        settings = self.settings
+        concurrency = self._concurrency(entry)
+        self._decoder(self.pool_of(entry))
+        batcher = self.batchers.add(
+            run_batch,
+            model=entry.name,
+            pool=self.pool_of(entry),
+            bucket=entry.bucket,
+            input_shape=entry.input_shape,
+            max_batch_size=settings.max_batch_size or entry.max_batch_size,
+            max_queue_delay_s=(
+                settings.max_queue_delay_ms / 1000
+                if settings.max_queue_delay_ms is not None
+                else entry.max_queue_delay_us / 1e6
+            ),
+            max_queue_size=settings.max_queue_size,
+            tokens_per_item=max(1, entry.tokens),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_concurrent_batches=concurrency,
+            capacity=self._remote_capacity(entry.name, runtime),
+            executor=self._executor(self.pool_of(entry), concurrency),
+        )
+        self.metrics.model_ready.labels(entry.name).set(1)
+        return batcher
+
+    def _remote_capacity(self, name: str, runtime: Runtime) -> Callable[[], int] | None:
+        if getattr(runtime, "endpoints", None) is None:
+            return None
+        return lambda: self.runtimes.get(name, runtime).endpoints.capacity()
 
     def _concurrency(self, entry: ModelEntry) -> int:
-        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
         remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
-        return self.settings.remote_concurrency if remote else 1
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
@@ -158,6 +213,8 @@ class ServingState:
         await self._drain_task
 
     async def _drain_once(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_polling()
         if self.batchers is None:
             return
         try:
@@ -171,8 +228,10 @@ class ServingState:
             )
 
     async def stop(self) -> None:
-        """Drain, then release the threads."""
+        """Drain, then release the endpoints and the threads."""
         await self.drain()
+        if self.endpoints is not None:
+            self.endpoints.close()
         for executor in (*self.decode_pools.values(), *self.inference_pools.values()):
             executor.shutdown(wait=False, cancel_futures=True)
         for entry in self.entries.values():

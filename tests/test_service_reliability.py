@@ -100,6 +100,8 @@ class SilentPeer:
                 connection, _ = self._listener.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by close()
+                return
             self._connections.append(connection)
 
     def close(self) -> None:
