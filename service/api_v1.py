@@ -13,7 +13,7 @@ from export.repository import ModelEntry
 from service.dependencies import deadline, get_state, observed, read_body, ready_state, unless_disconnected
 from service.errors import APIError
 from service.imaging import DecodedImage, check_content_type, decode_image, probe_image
-from service.preprocess import preprocess
+from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
 from service.schemas import (
     ClassifyResponse,
@@ -86,7 +86,7 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
         image_tokens=route.image_tokens,
         scale=route.scale,
         resized=route.resized,
-        resize_mode=route.resize_mode,
+        resize_mode=served_mode(route.resize_mode, entry.config.resize),
         reason=route.reason,
     )
 
@@ -98,12 +98,14 @@ def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> Rou
     header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
     route = overrides.route(state, header.height, header.width)
     entry = state.entry_for(route.model, route.bucket)
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
     decoded = decode_image(
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=route.bucket,
-        mode=route.resize_mode,
+        target_side=decode_side(route.bucket, mode, recipe.crop_pct),
+        mode=mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
@@ -111,8 +113,10 @@ def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> Rou
         route.bucket,
         entry.mean,
         entry.std,
-        route.resize_mode,
+        mode,
         original_size=decoded.original_size,
+        interpolation=recipe.interpolation,
+        crop_pct=recipe.crop_pct,
     )
     done = time.perf_counter()
     timings = {"decode_ms": (decoded_at - started) * 1e3, "preprocess_ms": (done - decoded_at) * 1e3}
