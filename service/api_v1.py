@@ -14,7 +14,7 @@ from service.accounting import request_record
 from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
 from service.dependencies import deadline, get_state, ready_state, unless_disconnected
 from service.imaging import DecodedImage, ImageHeader, check_content_type, decode_image, probe_image
-from service.preprocess import preprocess
+from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
 from service.schemas import (
     ClassifyResponse,
@@ -83,7 +83,7 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
         image_tokens=route.image_tokens,
         scale=route.scale,
         resized=route.resized,
-        resize_mode=route.resize_mode,
+        resize_mode=served_mode(route.resize_mode, entry.config.resize),
         reason=route.reason,
     )
 
@@ -91,12 +91,14 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
 def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Settings) -> tuple:
     """Decode and preprocess one admitted image on its pool's decode threads."""
     started = time.perf_counter()
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
     decoded = decode_image(
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=route.bucket,
-        mode=route.resize_mode,
+        target_side=decode_side(route.bucket, mode, recipe.crop_pct),
+        mode=mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
@@ -104,8 +106,10 @@ def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Sett
         route.bucket,
         entry.mean,
         entry.std,
-        route.resize_mode,
+        mode,
         original_size=decoded.original_size,
+        interpolation=recipe.interpolation,
+        crop_pct=recipe.crop_pct,
     )
     done = time.perf_counter()
     return (
