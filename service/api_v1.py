@@ -170,6 +170,20 @@ def _image_info(decoded: DecodedImage) -> dict:
     return {"format": decoded.format, "width": decoded.original_size[0], "height": decoded.original_size[1]}
 
 
+def top_predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[Prediction]:
+    """The `top_k` most probable labels of one image's logits, by softmax probability."""
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    k = min(top_k, probs.size)
+    order = np.argpartition(-probs, k - 1)[:k]
+    order = order[np.argsort(-probs[order])]
+    return [
+        Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
+        for i in order
+    ]
+
+
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(
     request: Request,
@@ -180,18 +194,8 @@ async def classify(
 ) -> ClassifyResponse:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
     routed, outputs = await _run(request, state, "classify", overrides, request_deadline)
-    logits = outputs["logits"].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    k = min(top_k or state.settings.top_k, probs.size)
-    order = np.argpartition(-probs, k - 1)[:k]
-    order = order[np.argsort(-probs[order])]
-    labels = routed.entry.labels
     return ClassifyResponse(
-        predictions=[
-            Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
-            for i in order
-        ],
+        predictions=top_predictions(outputs["logits"], routed.entry.labels, top_k or state.settings.top_k),
         route=_route_info(routed.route, routed.entry),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),

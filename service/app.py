@@ -12,8 +12,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 
-from service import api_v1, api_v2
+from service import api_explain, api_v1, api_v2, page
 from service.errors import install_error_handlers
+from service.explainer import Explainers
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServingState
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.stop()
+            app.state.explainers.close()
             log.warning("stopped")
 
     app = FastAPI(
@@ -46,9 +48,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.serving = state
+    app.state.explainers = Explainers(settings.threads(), settings.max_explain_queue)
     install_error_handlers(app)
     if settings.role == "gateway":
         app.include_router(api_v1.router)
+        app.include_router(api_explain.router)
+        page.install(app)
     app.include_router(api_v2.router)
 
     @app.get("/metrics", include_in_schema=False)
