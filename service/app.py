@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 
-from service import api_explain, api_v1, api_v2, page
+from service import api_explain, api_repository, api_v1, api_v2, page
 from service.errors import install_error_handlers
 from service.explainer import Explainers
 from service.metrics import Metrics
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(api_explain.router)
         page.install(app)
     app.include_router(api_v2.router)
+    app.include_router(api_repository.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
