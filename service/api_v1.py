@@ -133,31 +133,47 @@ async def _image_bytes(request: Request, state: ServingState, request_deadline: 
     return data
 
 
+async def read_and_route(
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
+) -> tuple[ImageHeader, Route, ModelEntry]:
+    """Read the body under its limits, probe the header and route it; no pixel is decoded yet."""
+    settings = state.settings
+    data = await _image_bytes(request, state, request_deadline)
+    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+    route = overrides.route(state, header.height, header.width)
+    entry = state.entry_for(route.model, route.bucket)
+    record = request_record(request)
+    record.route, record.model = route.pool, route.model
+    state.metrics.route_decisions.labels(route.pool, str(route.bucket)).inc()
+    return header, route, entry
+
+
+async def decode_routed(
+    request: Request, state: ServingState, header: ImageHeader, route: Route, entry: ModelEntry
+) -> tuple[DecodedImage, np.ndarray, dict]:
+    """Decode and preprocess on the route's pool decode threads; dropped if the client leaves."""
+    decoded, pixels, timings = await unless_disconnected(
+        request, state.decode(route.pool, _decode, header, route, entry, state.settings)
+    )
+    state.metrics.preprocess_duration.labels(route.pool).observe(
+        (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
+    )
+    return decoded, pixels, timings
+
+
 async def _run(
-    request: Request, state: ServingState, endpoint: str, overrides: RouteOverrides, request_deadline: float
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
 ) -> tuple[RoutedImage, dict[str, np.ndarray]]:
     """Shared path of classify and embed: read, probe, route, admit, decode, batch.
 
     Admission comes before decode, so under overload a request is refused (429) before any CPU goes
     into its pixels, and the queue place it holds bounds the memory its decode will take.
     """
-    metrics, settings = state.metrics, state.settings
-    record = request_record(request)
     started = time.perf_counter()
-    data = await _image_bytes(request, state, request_deadline)
-    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
-    route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.model, route.bucket)
-    record.route, record.model = route.pool, route.model
-    metrics.route_decisions.labels(route.pool, str(route.bucket)).inc()
+    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
     batcher = state.batcher(entry)
     with batcher.reserve() as reservation:
-        decoded, pixels, timings = await unless_disconnected(
-            request, state.decode(route.pool, _decode, header, route, entry, settings)
-        )
-        metrics.preprocess_duration.labels(route.pool).observe(
-            (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
-        )
+        decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
         submitted = time.perf_counter()
         outputs = await unless_disconnected(request, batcher.submit(pixels, request_deadline, reservation))
     finished = time.perf_counter()
@@ -170,6 +186,20 @@ def _image_info(decoded: DecodedImage) -> dict:
     return {"format": decoded.format, "width": decoded.original_size[0], "height": decoded.original_size[1]}
 
 
+def top_predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[Prediction]:
+    """The `top_k` most probable labels of one image's logits, by softmax probability."""
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    k = min(top_k, probs.size)
+    order = np.argpartition(-probs, k - 1)[:k]
+    order = order[np.argsort(-probs[order])]
+    return [
+        Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
+        for i in order
+    ]
+
+
 @router.post("/classify", name="classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(
     request: Request,
@@ -179,19 +209,9 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="Labels to return.")] = None,
 ) -> ClassifyResponse:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
-    routed, outputs = await _run(request, state, "classify", overrides, request_deadline)
-    logits = outputs["logits"].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    k = min(top_k or state.settings.top_k, probs.size)
-    order = np.argpartition(-probs, k - 1)[:k]
-    order = order[np.argsort(-probs[order])]
-    labels = routed.entry.labels
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     return ClassifyResponse(
-        predictions=[
-            Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
-            for i in order
-        ],
+        predictions=top_predictions(outputs["logits"], routed.entry.labels, top_k or state.settings.top_k),
         route=_route_info(routed.route, routed.entry),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
@@ -206,7 +226,7 @@ async def embed(
     overrides: Overrides,
 ) -> EmbedResponse:
     """The pooled embedding of an image (same input as /v1/classify)."""
-    routed, outputs = await _run(request, state, "embed", overrides, request_deadline)
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     vector = outputs["embedding"].astype(np.float32)
     return EmbedResponse(
         embedding=vector.tolist(),
