@@ -200,7 +200,9 @@ class ModelLifecycle:
         """Executor side: load the runtime and check one smoke inference's outputs."""
         settings = self.state.settings
         kind = settings.runtime_for(entry.name, entry.backbone)
-        runtime = load_runtime(kind, entry, settings.threads(), settings, self.state.pool_of(entry))
+        runtime = load_runtime(
+            kind, entry, settings.threads(), settings, self.state.pool_of(entry), self.state.endpoints
+        )
         outputs = runtime.run(np.zeros((1, *entry.input_shape), np.float32))
         config = entry.config
         expected = {"logits": config.num_classes or config.num_features, "embedding": config.num_features}
@@ -228,7 +230,7 @@ class ModelLifecycle:
         slot = self.slots.get(entry.name)
         if slot is None:
             slot = self.slots[entry.name] = RuntimeSlot(entry.name, runtime, self._released)
-            state.add_batcher(entry, slot.run)
+            state.add_batcher(entry, runtime, slot.run)
         else:
             slot.swap(runtime)
         state.runtimes[entry.name] = runtime

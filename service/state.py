@@ -18,6 +18,7 @@ from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
+from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -42,6 +43,7 @@ class ServingState:
     draining: bool = False
     cpu_pool: ThreadPoolExecutor | None = None
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
     lifecycle: ModelLifecycle | None = None
@@ -97,12 +99,18 @@ class ServingState:
         self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
+        self.endpoints = EndpointRegistry(
+            settings.endpoint_concurrency,
+            settings.endpoint_refresh_s,
+            settings.endpoint_eject_s,
+            EndpointMetrics(self.metrics.registry),
+        )
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
             kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry), self.endpoints
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
@@ -110,12 +118,14 @@ class ServingState:
         self.batchers = BatcherGroup(self.metrics)
         self.lifecycle = ModelLifecycle(self)
         for entry in entries:
-            self.add_batcher(entry, self.lifecycle.adopt(entry, self.runtimes[entry.name]))
+            runtime = self.runtimes[entry.name]
+            self.add_batcher(entry, runtime, self.lifecycle.adopt(entry, runtime))
         self.ready = True
         self.lifecycle.start_polling()
 
-    def add_batcher(self, entry: ModelEntry, run_batch: RunBatch) -> Batcher:
-        """The entry's batcher, with limits from the settings or else from its config.pbtxt."""
+    def add_batcher(self, entry: ModelEntry, runtime: Runtime, run_batch: RunBatch) -> Batcher:
+        """The entry's batcher, with limits from the settings or else from its config.pbtxt; a remote
+        runtime's endpoints bound the batches in flight."""
         settings = self.settings
         concurrency = self._concurrency(entry)
         batcher = self.batchers.add(
@@ -134,15 +144,17 @@ class ServingState:
             tokens_per_item=max(1, entry.tokens),
             max_batch_tokens=settings.max_batch_tokens,
             max_concurrent_batches=concurrency,
+            capacity=getattr(getattr(runtime, "endpoints", None), "capacity", None),
             executor=self._executor(self.pool_of(entry), concurrency),
         )
         self.metrics.model_ready.labels(entry.name).set(1)
         return batcher
 
     def _concurrency(self, entry: ModelEntry) -> int:
-        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
         remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
-        return self.settings.remote_concurrency if remote else 1
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
@@ -169,6 +181,8 @@ class ServingState:
                 await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        if self.endpoints is not None:
+            self.endpoints.close()
         for executor in (self.cpu_pool, *self.inference_pools.values()):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
