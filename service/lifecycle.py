@@ -296,9 +296,14 @@ class ModelLifecycle:
                     continue
 
     def _wanted(self, name: str) -> bool:
-        """Served already, or allowed by VITSERVE_MODELS (entry names; empty allows every entry)."""
+        """Served already, or allowed by VITSERVE_MODELS (entry or backbone names; empty allows all)."""
         wanted = {n for n in self.state.settings.models.split(",") if n}
-        return name in self.state.entries or not wanted or name in wanted
+        if name in self.state.entries or not wanted or name in wanted:
+            return True
+        try:
+            return read_entry(self.repository / name).backbone in wanted
+        except ExportError:
+            return False
 
     def _unchanged(self, name: str) -> bool:
         disk = DiskVersion.of(self.repository / name)
