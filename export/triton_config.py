@@ -2,7 +2,8 @@
 
 Generating the text proto from `model_config_pb2.ModelConfig` (shipped by tritonclient) means the
 file is valid by construction; `parameters` carry what vitserve's gateway needs to serve the entry
-without loading the model first (backbone, arch, attention, patch, window, bucket, mean/std, labels).
+without loading the model first (backbone, arch, attention, patch, window, bucket, labels, and the
+checkpoint's preprocessing: mean/std, interpolation, resize policy, crop_pct).
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ from models.config import BackboneConfig
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 LABELS_FILENAME = "labels.txt"
+# Where Triton places an entry's instances, chosen at export and independent of precision: `auto` lets
+# Triton decide (a GPU when the server sees one, else the CPU), `gpu` refuses to load without one.
+INSTANCE_KINDS = {
+    "auto": mc.ModelInstanceGroup.KIND_AUTO,
+    "cpu": mc.ModelInstanceGroup.KIND_CPU,
+    "gpu": mc.ModelInstanceGroup.KIND_GPU,
+}
 
 
 def output_names(artifact_format: str) -> tuple[str, str]:
@@ -42,6 +50,7 @@ class EntrySpec:
     max_batch_size: int
     max_queue_delay_us: int
     tokens: int
+    instance_kind: str = "auto"
 
 
 def _float_list(values: tuple[float, ...]) -> str:
@@ -69,8 +78,7 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
     preferred = sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(preferred)
-    kind = mc.ModelInstanceGroup.KIND_GPU if spec.precision == "fp16" else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=1, kind=kind)
+    config.instance_group.add(count=1, kind=INSTANCE_KINDS[spec.instance_kind])
     parameters = {
         "backbone": spec.backbone,
         "arch": spec.arch,
@@ -84,6 +92,9 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
         "labels_file": LABELS_FILENAME,
         "mean": _float_list(cfg.mean),
         "std": _float_list(cfg.std),
+        "interpolation": cfg.interpolation,
+        "resize": cfg.resize,
+        "crop_pct": repr(float(cfg.crop_pct)),
         "model_config": json.dumps(cfg.to_dict(), separators=(",", ":")),
     }
     for key, value in parameters.items():

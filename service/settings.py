@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     repository: Path = Field(PROJECT_ROOT / "model_repository", description="Model repository directory.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free port).")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off.",
+    )
     role: Literal["gateway", "pool"] = Field(
         "gateway", description="gateway: full API; pool: v2 tensors only."
     )
@@ -58,9 +64,19 @@ class Settings(BaseSettings):
     )
     triton_urls: str = Field(
         "",
-        description="KServe v2 server of each pool, backbone or entry on the triton runtime: KEY=URL,... "
-        "(e.g. 'global=grpc://triton-global:8001,windowed=http://pool-windowed:8000'); "
-        "the scheme picks gRPC or HTTP.",
+        description="KServe v2 servers of each pool, backbone or entry on the triton runtime: KEY=ADDRESS,... "
+        "An ADDRESS is grpc://HOST:PORT or http://HOST:PORT (the scheme picks the protocol), several "
+        "joined by '|', dns+grpc://NAME:PORT / dns+http://NAME:PORT (every address of a headless "
+        "Service), or file:///PATH (one URL per line); dns and file are re-read every endpoint_refresh_s.",
+    )
+    endpoint_concurrency: int = Field(
+        4, ge=1, description="Batches in flight per pool endpoint (replica) from this gateway."
+    )
+    endpoint_refresh_s: float = Field(
+        5.0, gt=0, description="Seconds between re-resolving dns+ and file:// pool addresses."
+    )
+    endpoint_eject_s: float = Field(
+        5.0, ge=0, description="Seconds a pool endpoint that failed as unavailable gets no batches."
     )
     triton_timeout_ms: float | None = Field(
         None,
@@ -90,14 +106,28 @@ class Settings(BaseSettings):
     ort_cpu_arena: bool = Field(
         False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
     )
-    remote_concurrency: int = Field(
-        4, ge=1, description="Batches in flight per pool on the triton runtime (local runtimes run one)."
+    max_remote_batches: int = Field(
+        64,
+        ge=1,
+        description="Ceiling on batches in flight per pool on the triton runtime, whatever the endpoints' "
+        "budget (endpoint_concurrency x endpoints) allows.",
     )
     models: str = Field("", description="Comma-separated entries to serve (pool role); empty serves all.")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference session; 0 = all cores.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted decoded image (width x height).")
     max_queue_size: int = Field(256, gt=0, description="Queued requests per (model, bucket) before 429.")
+    max_queue_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Bytes of preprocessed images a pool's admitted, unanswered requests may hold before "
+        "429 (per pool; size the pod's memory limit from it).",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Image decode threads per pool, so large images cannot starve small ones; 0 = cores.",
+    )
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Batching delay; default from each entry's config.pbtxt."
     )
@@ -105,6 +135,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(200_000, gt=0, description="Token budget per batch for high resolutions.")
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
+    max_explain_queue: int = Field(
+        4, ge=1, description="/v1/explain requests waiting for the explain thread before 429."
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="Longest wait for queued work on shutdown.")
     shutdown_delay_s: float = Field(
         0.0,
@@ -112,10 +145,19 @@ class Settings(BaseSettings):
         description="After SIGTERM, keep listening this long (readiness 503, new requests 503) "
         "before closing, so load balancers stop routing here first.",
     )
+    poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between repository scans that load new versions and entries and unload "
+        "removed ones; 0 = off (the repository API, /v2/repository, still loads and unloads).",
+    )
     log_level: str = Field("warning", description="Log level (structured JSON logs on stderr).")
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
+
+    def decoders(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
 
     @field_validator("runtimes", "triton_urls")
     @classmethod

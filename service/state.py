@@ -12,20 +12,25 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from export.repository import ModelEntry, read_repository
 from export.shapes import Shape, shape_name
-from service.batcher import Batcher, BatcherGroup
-from service.calibration import EntryCost, measure, read_calibration, write_calibration
+from service.batcher import Batcher, BatcherGroup, RunBatch
+from service.calibration import MEASURED, EntryCost, measure, read_calibration, write_calibration
+from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
-from service.runtimes import Runtime, load_runtime
+from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
+from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
 GLOBAL_ATTENTION = ("global",)
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
@@ -44,11 +49,45 @@ class ServingState:
     router: Router | None = None
     ready: bool = False
     draining: bool = False
-    cpu_pool: ThreadPoolExecutor | None = None
+    decode_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    drain_timed_out: bool = False
+    _drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[Shape, ModelEntry]] = field(default_factory=dict)
     costs: dict[str, EntryCost] = field(default_factory=dict)
+    lifecycle: ModelLifecycle | None = None
+
+    def entry_for(self, name: str) -> ModelEntry:
+        """The served entry the router chose, by name."""
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise RuntimeUnavailable(
+                f"the route chose {name}, which is unloaded; load it with "
+                f"POST /v2/repository/models/{name}/load (entries: POST /v2/repository/index)"
+            ) from None
+
+    def serve_entry(self, entry: ModelEntry) -> None:
+        """Serve `entry` (new, or a new version of a served one) from the next request on."""
+        self.entries[entry.name] = entry
+        self._regroup()
+
+    def withdraw_entry(self, name: str) -> None:
+        """Stop giving `name` to new requests (they get 404); accepted ones still finish."""
+        self.entries.pop(name)
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Group the entries again; a derived routing follows the shapes served (a routing file stays)."""
+        self.backbones = group_by_backbone(list(self.entries.values()))
+        if self.router is None or self.settings.routing is not None:
+            return
+        try:
+            self.router = build_router(list(self.entries.values()), self.settings, self.costs)
+        except StartupError as exc:
+            log.warning("routing kept", extra={"reason": str(exc)})
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)
@@ -69,64 +108,90 @@ class ServingState:
         self.backbones = group_by_backbone(entries)
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
-        self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
+        self.endpoints = EndpointRegistry(
+            settings.endpoint_concurrency,
+            settings.endpoint_refresh_s,
+            settings.endpoint_eject_s,
+            EndpointMetrics(self.metrics.registry),
+        )
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
             kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry), self.endpoints
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
-        self.costs = await loop.run_in_executor(None, self._calibrate, entries)
+        for entry in entries:
+            await loop.run_in_executor(None, self.calibrate, entry, self.runtimes[entry.name])
+        if settings.calibration_out is not None:
+            write_calibration(settings.calibration_out, self.costs)
         if self.router is not None:
             self.router = build_router(entries, settings, self.costs)
-        self.batchers = BatcherGroup(self.metrics)
+        self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
+        self.lifecycle = ModelLifecycle(self)
         for entry in entries:
-            concurrency = self._concurrency(entry)
-            self.batchers.add(
-                self.runtimes[entry.name].run,
-                model=entry.name,
-                pool=self.pool_of(entry),
-                bucket=entry.bucket,
-                input_shape=entry.input_shape,
-                max_batch_size=settings.max_batch_size or self.batch_limit(entry),
-                max_queue_delay_s=(
-                    settings.max_queue_delay_ms / 1000
-                    if settings.max_queue_delay_ms is not None
-                    else entry.max_queue_delay_us / 1e6
-                ),
-                max_queue_size=settings.max_queue_size,
-                tokens_per_item=max(1, entry.tokens),
-                max_batch_tokens=settings.max_batch_tokens,
-                max_concurrent_batches=concurrency,
-                executor=self._executor(self.pool_of(entry), concurrency),
-            )
-            self.metrics.model_ready.labels(entry.name).set(1)
+            runtime = self.runtimes[entry.name]
+            self.add_batcher(entry, self.lifecycle.adopt(entry, runtime), runtime)
         self.ready = True
+        self.lifecycle.start_polling()
 
-    def _calibrate(self, entries: list[ModelEntry]) -> dict[str, EntryCost]:
-        """Costs from the calibration file, else measured on each local runtime; remote entries
-        without a file entry are left to the router's FLOP estimate."""
+    def add_batcher(self, entry: ModelEntry, run_batch: RunBatch, runtime: Runtime) -> Batcher:
+        """The entry's batcher, with limits from the settings or else from its config.pbtxt.
+
+        A remote `runtime`'s endpoint budget bounds the batches in flight; it is read from whichever
+        runtime serves the entry at the time, since a new version may swap it."""
         settings = self.settings
-        costs = read_calibration(settings.calibration) if settings.calibration is not None else {}
-        for entry in entries:
-            if entry.name in costs or settings.runtime_for(entry.name, entry.backbone) == "triton":
-                continue
-            costs[entry.name] = measure(
-                self.runtimes[entry.name].run,
-                entry.input_shape,
-                entry.max_batch_size,
-                settings.calibration_max_run_s,
-            )
-            log.info("calibrated", extra={"model": entry.name, "seconds": dict(costs[entry.name].seconds)})
-        if settings.calibration_out is not None:
-            write_calibration(settings.calibration_out, costs)
-        return costs
+        concurrency = self._concurrency(entry)
+        self._decoder(self.pool_of(entry))
+        batcher = self.batchers.add(
+            run_batch,
+            model=entry.name,
+            pool=self.pool_of(entry),
+            bucket=entry.bucket,
+            input_shape=entry.input_shape,
+            max_batch_size=settings.max_batch_size or self.batch_limit(entry),
+            max_queue_delay_s=(
+                settings.max_queue_delay_ms / 1000
+                if settings.max_queue_delay_ms is not None
+                else entry.max_queue_delay_us / 1e6
+            ),
+            max_queue_size=settings.max_queue_size,
+            tokens_per_item=max(1, entry.tokens),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_concurrent_batches=concurrency,
+            capacity=self._remote_capacity(entry.name, runtime),
+            executor=self._executor(self.pool_of(entry), concurrency),
+        )
+        self.metrics.model_ready.labels(entry.name).set(1)
+        return batcher
+
+    def _remote_capacity(self, name: str, runtime: Runtime) -> Callable[[], int] | None:
+        if getattr(runtime, "endpoints", None) is None:
+            return None
+        return lambda: self.runtimes.get(name, runtime).endpoints.capacity()
+
+    def calibrate(self, entry: ModelEntry, runtime: Runtime) -> EntryCost | None:
+        """The entry's cost: from the calibration file, else measured on its (warm) local runtime.
+
+        Remote entries without a file entry are left to the router's FLOP estimate (None). Blocking:
+        call it from a worker thread."""
+        settings = self.settings
+        if not self.costs and settings.calibration is not None:
+            self.costs.update(read_calibration(settings.calibration))
+        if entry.name in self.costs and self.costs[entry.name].source != MEASURED:
+            return self.costs[entry.name]
+        if settings.runtime_for(entry.name, entry.backbone) == "triton":
+            return None
+        self.costs[entry.name] = measure(
+            runtime.run, entry.input_shape, entry.max_batch_size, settings.calibration_max_run_s
+        )
+        log.info("calibrated", extra={"model": entry.name, "seconds": dict(self.costs[entry.name].seconds)})
+        return self.costs[entry.name]
 
     def batch_limit(self, entry: ModelEntry) -> int:
         """The batch size with the best calibrated throughput, within config.pbtxt's max_batch_size."""
@@ -149,9 +214,10 @@ class ServingState:
         return waits
 
     def _concurrency(self, entry: ModelEntry) -> int:
-        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
         remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
-        return self.settings.remote_concurrency if remote else 1
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
@@ -161,24 +227,64 @@ class ServingState:
             self.inference_pools[key] = ThreadPoolExecutor(concurrency, thread_name_prefix=f"infer-{key}")
         return self.inference_pools[key]
 
+    def _decoder(self, pool: str) -> ThreadPoolExecutor:
+        """Decode threads of one pool: huge windowed-route images never hold the global route's threads."""
+        if pool not in self.decode_pools:
+            self.decode_pools[pool] = ThreadPoolExecutor(
+                self.settings.decoders(), thread_name_prefix=f"decode-{pool}"
+            )
+        return self.decode_pools[pool]
+
+    async def decode(self, pool: str, work: Callable[..., T], *args: object) -> T:
+        """Run `work(*args)` on `pool`'s decode threads, counted in vitserve_decoding{pool}."""
+        gauge = self.metrics.decoding.labels(pool)
+        gauge.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder(pool), work, *args)
+        finally:
+            gauge.dec()
+
     def pool_of(self, entry: ModelEntry) -> str:
         """`global` for global-attention backbones, `windowed` for every other attention kind."""
         if self.router is not None and entry.backbone in self.router.pools:
             return self.router.pools[entry.backbone]
         return "global" if entry.attention == GLOBAL_ATTENTION else "windowed"
 
-    async def stop(self) -> None:
-        """Stop taking work, finish what is queued and running, release the threads."""
+    async def drain(self) -> None:
+        """Stop taking work and finish what is queued and running within `drain_timeout_s`.
+
+        When the timeout runs out every request still unanswered is answered 503 at once (running
+        batches keep their threads, their results are dropped) and `drain_timed_out` is set, which
+        makes the process exit with `service.server.DRAIN_TIMED_OUT`. Safe to call more than once.
+        """
         self.ready = False
         self.draining = True
-        if self.batchers is not None:
-            try:
-                await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
-        for executor in (self.cpu_pool, *self.inference_pools.values()):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_once())
+        await self._drain_task
+
+    async def _drain_once(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_polling()
+        if self.batchers is None:
+            return
+        try:
+            await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
+        except TimeoutError:
+            self.drain_timed_out = True
+            log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+            self.batchers.abort(
+                f"the server is shutting down and its {self.settings.drain_timeout_s} s drain ran out "
+                "before this request finished; retry on another replica"
+            )
+
+    async def stop(self) -> None:
+        """Drain, then release the endpoints and the threads."""
+        await self.drain()
+        if self.endpoints is not None:
+            self.endpoints.close()
+        for executor in (*self.decode_pools.values(), *self.inference_pools.values()):
+            executor.shutdown(wait=False, cancel_futures=True)
         for entry in self.entries.values():
             self.metrics.model_ready.labels(entry.name).set(0)
 
