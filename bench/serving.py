@@ -1,4 +1,4 @@
-"""HTTP serving against raw in-process ONNX Runtime on the same model, in one run (DESIGN's performance budget).
+"""HTTP serving against raw in-process ONNX Runtime on the same model, in one run (ARCHITECTURE.md "Performance budget").
 
 Baseline: an InferenceSession on the gateway's own `vit_global_224` artifact, fed preprocessed
 tensors, at batch 1, 8, 16 and 32 (best img/s) and at batch 1 (single-image latency).

@@ -18,6 +18,7 @@ from torch import nn
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.precision import PRECISIONS, convert_precision
+from export.progress import Progress
 from export.repository import ModelEntry, ensure_writable, publish, read_entry, remove_created, staging
 from export.torchscript_export import export_pt2, export_torchscript
 from export.triton_config import (
@@ -177,6 +178,7 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
     created = ensure_writable(root)
     backbone = request.name or request.model
     staged: list[tuple[str, Path]] = []
+    progress = Progress(len(buckets))
     try:
         for bucket in buckets:
             entry = f"{backbone}_{bucket}"
@@ -189,6 +191,7 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
                 spec = entry_spec(request, config, bucket)
                 (stage / "config.pbtxt").write_text(to_text(build_model_config(spec)))
                 (stage / LABELS_FILENAME).write_text("\n".join(config.label_names()) + "\n")
+            progress.step(f"exported and verified {entry}")
     except BaseException:
         for _, stage in staged:
             shutil.rmtree(stage, ignore_errors=True)
