@@ -572,6 +572,35 @@ def test_pods_run_as_the_image_user_read_only_with_resources(overlay: str) -> No
             assert tmp and tmp[0]["name"] in empty_dirs, f"{container['name']} has no writable /tmp"
 
 
+# Memory a vitserve process needs besides its queues: decodes in flight, sessions, HTTP buffers.
+MEMORY_HEADROOM = 1 << 30
+QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def memory_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMG])?", quantity)
+    assert match, f"memory quantity {quantity!r}"
+    return int(match.group(1)) * QUANTITY.get(match.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_memory_limits_hold_every_queue_budget_the_pod_serves(overlay: str) -> None:
+    """429 comes before the OOM killer: limit >= pools served x MAX_QUEUE_BYTES + headroom."""
+    pools = {b.pool for b in image_backbones().values()}
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment):
+            if not is_vitserve(container):
+                continue
+            settings = settings_of(container_env(deployment, container))
+            assert "VITSERVE_MAX_QUEUE_BYTES" in container_env(deployment, container), (
+                "set the budget explicitly"
+            )
+            served = len(pools) if settings.role == "gateway" else 1
+            needed = served * settings.max_queue_bytes + MEMORY_HEADROOM
+            limit = memory_bytes(container["resources"]["limits"]["memory"])
+            assert limit >= needed, f"{deployment['metadata']['name']}: limit {limit} < {needed} bytes"
+
+
 # --- metrics, autoscaling and rules ------------------------------------------------------------------------
 
 
