@@ -412,13 +412,20 @@ def test_gateway_sends_each_backbone_to_the_pool_that_serves_it(overlay: str) ->
         assert url.hostname, f"TRITON_URLS has no URL for {backbone.name} or pool {backbone.pool}"
         service = b.get("Service", url.hostname)
         assert b.deployments_selected(service["spec"]["selector"]) == [pool_deployment]
+        # The gateway resolves the pool's replicas itself and balances every batch over them: a
+        # ClusterIP would balance connections, which the gateway keeps open.
+        assert url.scheme.startswith("dns+"), f"{url.geturl()} is not re-resolved to the pool's replicas"
+        assert service["spec"].get("clusterIP") == "None", f"Service {url.hostname} is not headless"
+        protocol = url.scheme.removeprefix("dns+")
         ports = [p for p in service["spec"]["ports"] if p["port"] == url.port]
         assert len(ports) == 1, f"Service {url.hostname} has no port {url.port}"
         port = ports[0]
-        assert port["name"] == url.scheme, f"{url.geturl()} reaches the Service's {port['name']} port"
-        assert any(named_port(c, port["targetPort"]) for c in containers(pool_deployment))
+        assert port["name"] == protocol, f"{url.geturl()} reaches the Service's {port['name']} port"
+        # Headless: DNS answers pod IPs, so the Service port must be the container port itself.
+        container_ports = {named_port(c, port["targetPort"]) for c in containers(pool_deployment)} - {None}
+        assert container_ports == {url.port}, f"{url.geturl()}: the pods listen on {container_ports}"
         if overlay in GPU_OVERLAYS:
-            assert url.scheme == "grpc" and url.port == 8001
+            assert protocol == "grpc" and url.port == 8001
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
