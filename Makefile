@@ -71,9 +71,10 @@ $(MLSERVER_STAMP):
 
 mlserver-env: $(MLSERVER_STAMP)
 
-# promtool (Debian's prometheus package) checks the deploy rules; kubectl with kustomize ships with the machine image.
+# Debian's prometheus package: promtool checks the deploy rules, prometheus runs in the local cluster
+# test (tests/test_cluster.py); kubectl with kustomize ships with the machine image.
 tools:
-	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 
