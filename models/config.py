@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from models.layers.attention import ATTENTION_KINDS
+from models.layers.attention import VARIANTS, get_variant
 from models.layers.pos_embed import POS_EMBED_KINDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,14 +136,14 @@ class ViTConfig(BackboneConfig):
         super().__post_init__()
         if self.pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBED_KINDS}")
-        allowed = tuple(k for k in ATTENTION_KINDS if k != "window")
+        allowed = tuple(k for k in VARIANTS if k != "window")
         if not self.attention or any(k not in allowed for k in self.attention):
             raise ValueError(f"ViT attention {self.attention} must be a non-empty cycle of {allowed}")
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if self.class_token and any(k != "global" for k in self.attention):
+        if self.class_token and any(not get_variant(k).prefix_tokens for k in self.attention):
             raise ValueError("spatial attention variants need class_token=False and global_pool='avg'")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -154,7 +154,7 @@ class ViTConfig(BackboneConfig):
 
     @property
     def window(self) -> int:
-        return self.partition_size if {"block", "grid"} & set(self.attention) else 0
+        return self.partition_size if any(get_variant(k).partitioned for k in self.attention) else 0
 
     @property
     def base_grid(self) -> tuple[int, int]:

@@ -7,12 +7,13 @@ speed, so they count what the modules in models/ actually execute, not an ideali
   `torch.utils.flop_counter.FlopCounterMode` counts them; norms, activations, softmax and
   position encodings are elementwise and left out, as there.
 - The input is padded to a patch multiple (`ceil(H/p) x ceil(W/p)` tokens).
-- Partitioned attention (Swin windows, MaxViT block/grid) pads the feature map to a partition
-  multiple; the padded tokens go through qkv, attention and the output projection.
-- Neighborhood and dilated attention run as full SDPA with a boolean mask, so their executed
-  attention FLOPs and score memory equal global attention's (N^2), not the ideal N * k^2.
-- Linear attention computes phi(K)^T V, phi(Q) (phi(K)^T V) and the normalizer phi(Q) sum phi(K):
-  4 N d^2 + 2 N d per head; it materializes no score matrix.
+- Token mixing is costed by each attention variant's own `cost` (models/layers/attention/, one
+  file per variant; an unknown kind is an error): partitioned attention (Swin windows, MaxViT
+  block/grid) pads the feature map to a partition multiple and the padded tokens go through qkv,
+  attention and the output projection; neighborhood and dilated attention run as full SDPA with a
+  boolean mask, so their executed attention FLOPs and score memory equal global attention's (N^2),
+  not the ideal N * k^2; linear attention computes phi(K)^T V, phi(Q) (phi(K)^T V) and the
+  normalizer, 4 N d^2 + 2 N d per head, and materializes no score matrix.
 - Class tokens take part in the qkv, attention and MLP cost of ViT (not in `tokens`).
 - Swin patch merging pads odd grids before halving them.
 
@@ -25,11 +26,11 @@ import functools
 from dataclasses import dataclass
 
 from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.layers.attention import MixingShape, get_variant
 from models.layers.patch_embed import padded_grid
 from models.registry import get_config
 
 FP32_BYTES = 4
-PARTITIONED_KINDS = ("window", "block", "grid")
 
 
 @dataclass(frozen=True)
@@ -122,22 +123,12 @@ def _block(
     qkv_bias: bool,
     partition: int,
 ) -> None:
-    """One pre-norm transformer block (models.layers.block.Block) around attention `kind`."""
+    """One pre-norm transformer block (models.layers.block.Block) around attention `kind`; the
+    variant itself (models/layers/attention/) costs its token mixing."""
     tokens = prefix + grid[0] * grid[1]
-    head_dim = dim // heads
-    mixed = tokens
-    if kind in PARTITIONED_KINDS:
-        rows, cols = padded_grid(grid[0], grid[1], partition)
-        mixed = rows * cols * partition * partition
-        tally.params += (2 * partition - 1) ** 2 * heads
+    mixed = get_variant(kind).cost(tally, MixingShape(grid, prefix, dim, heads, partition))
     tally.norm(dim)
     tally.dense(mixed, dim, 3 * dim, qkv_bias)
-    if kind in PARTITIONED_KINDS:
-        tally.softmax_attention(mixed // partition**2, partition**2, heads, head_dim)
-    elif kind == "linear":
-        tally.linear_attention(mixed, heads, head_dim)
-    else:
-        tally.softmax_attention(1, tokens, heads, head_dim)
     tally.dense(mixed, dim, dim)
     tally.norm(dim)
     hidden = int(dim * mlp_ratio)
