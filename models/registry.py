@@ -27,13 +27,15 @@ SWIN_SIZES = {
     "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
 }
-# Trunks composed from the other attention variants: (name stem, overrides).
+# Trunks composed from the other attention variants: (name stem, overrides). The `_iso` names say
+# what they are: isotropic stride-16 ViT trunks with another token mixer, not the hierarchical NAT,
+# DiNAT or MaxViT of the papers (no convolutional tokenizer, downsamplers or per-stage settings).
 COMPOSED_VIT_VARIANTS = {
     "vit_{size}_patch16_rope_224": {"pos_embed": "rope_2d"},
     "vit_{size}_patch16_sincos_224": {"pos_embed": "sincos_2d"},
     "vit_{size}_patch16_pos2d_224": {"pos_embed": "learned_2d"},
-    "nat_{size}_patch16_224": {"attention": ("neighborhood",)},
-    "dinat_{size}_patch16_224": {"attention": ("neighborhood", "dilated")},
+    "nat_iso_{size}_patch16_224": {"attention": ("neighborhood",)},
+    "dinat_iso_{size}_patch16_224": {"attention": ("neighborhood", "dilated")},
     "maxvit_iso_{size}_patch16_224": {"attention": ("block", "grid")},
     "linvit_{size}_patch16_224": {"attention": ("linear",)},
 }
