@@ -354,7 +354,7 @@ class MappedLayout:
 def candidate_layouts(family: str, keys: Iterable[str], known: set[str]) -> list[KeyLayout]:
     """Every layout a bare state dict of `family` may be in, ours first."""
     keys = list(keys)
-    return [OwnLayout(known)] + [MappedLayout(*spec, keys) for spec in LAYOUTS[family]]
+    return [OwnLayout(known)] + [MappedLayout(*spec, keys) for spec in LAYOUTS.get(family, ())]
 
 
 def choose_layout(state: Mapping[str, torch.Tensor], family: str, known: set[str]) -> KeyLayout:

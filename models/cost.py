@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
 from models.layers.attention import MixingShape, get_variant
 from models.layers.patch_embed import padded_grid
 from models.registry import get_config
@@ -75,7 +75,9 @@ def _estimate(config: BackboneConfig, height: int, width: int, batch: int) -> Co
         return _vit_cost(config, height, width, batch)
     if isinstance(config, SwinConfig):
         return _swin_cost(config, height, width, batch)
-    raise TypeError(f"no cost model for config family {config.family!r}; expected a ViTConfig or SwinConfig")
+    if isinstance(config, NATConfig):
+        return _nat_cost(config, height, width, batch)
+    raise TypeError(f"no cost model for config family {config.family!r}; expected a ViT, Swin or NAT config")
 
 
 class _Tally:
@@ -205,6 +207,38 @@ def _swin_cost(config: SwinConfig, height: int, width: int, batch: int) -> Cost:
             grid = padded_grid(grid[0], grid[1], 2)
             tally.norm(4 * dim)
             tally.dense(grid[0] * grid[1], 4 * dim, 2 * dim, bias=False)
+    _head(tally, config, config.num_features)
+    return _finish(tally, tuple(stage_tokens))
+
+
+def _halved(grid: tuple[int, int]) -> tuple[int, int]:
+    """A 3x3 stride-2 convolution with padding 1 maps a side s to ceil(s / 2)."""
+    return padded_grid(grid[0], grid[1], 2)
+
+
+def _nat_cost(config: NATConfig, height: int, width: int, batch: int) -> Cost:
+    """Convolutions are costed as dense layers over their output positions (fan-in = channels x 9);
+    each block's neighborhood attention by its variant, plus its (2k-1)^2 x heads bias table."""
+    tally = _Tally(batch)
+    half = config.embed_dim // 2
+    grid = _halved((height, width))
+    tally.dense(grid[0] * grid[1], config.in_chans * 9, half)
+    grid = _halved(grid)
+    tally.dense(grid[0] * grid[1], half * 9, config.embed_dim)
+    tally.norm(config.embed_dim)
+    kinds = iter(config.attention_kinds)
+    stage_tokens = []
+    last = len(config.depths) - 1
+    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads, strict=True)):
+        dim = config.stage_dim(stage)
+        stage_tokens.append(grid[0] * grid[1])
+        for _ in range(depth):
+            _block(tally, next(kinds), grid, 0, dim, heads, config.mlp_ratio, config.qkv_bias, 0)
+            tally.params += heads * (2 * config.kernel_size - 1) ** 2
+        if stage < last:
+            grid = _halved(grid)
+            tally.dense(grid[0] * grid[1], 9 * dim, 2 * dim, bias=False)
+            tally.norm(2 * dim)
     _head(tally, config, config.num_features)
     return _finish(tally, tuple(stage_tokens))
 

@@ -54,6 +54,8 @@ CASES = [
     ("dinat_iso_tiny_patch16_224", {"depth": 2}, 224, 224),
     ("maxvit_iso_tiny_patch16_224", {"depth": 2}, 200, 328),
     ("linvit_tiny_patch16_224", {"depth": 2}, 200, 328),
+    ("nat_tiny_224", {"depths": (1, 1, 2, 1)}, 96, 120),
+    ("dinat_tiny_224", {"depths": (2, 1, 1, 1), "dilations": ((1, 2), (1,), (1,), (1,))}, 100, 90),
 ]
 
 

@@ -62,13 +62,23 @@ def build_attention(
     shift_size: int = 0,
     kernel_size: int = 7,
     dilation: int = 2,
+    relative_position_bias: bool = False,
 ) -> nn.Module:
     """Instantiate the attention variant `kind` (one of ATTENTION_KINDS)."""
     variant = get_variant(kind)
     if not variant.prefix_tokens and (num_prefix_tokens or rope is not None):
         raise ValueError(f"{kind} attention works on spatial tokens only: no class token and no RoPE")
     spec = AttentionSpec(
-        dim, num_heads, qkv_bias, num_prefix_tokens, rope, partition_size, shift_size, kernel_size, dilation
+        dim,
+        num_heads,
+        qkv_bias,
+        num_prefix_tokens,
+        rope,
+        partition_size,
+        shift_size,
+        kernel_size,
+        dilation,
+        relative_position_bias,
     )
     return variant.build(spec)
 

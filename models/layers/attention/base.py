@@ -26,6 +26,7 @@ class AttentionSpec:
     shift_size: int = 0
     kernel_size: int = 7
     dilation: int = 2
+    relative_position_bias: bool = False
 
 
 @dataclass(frozen=True)
