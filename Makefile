@@ -70,6 +70,7 @@ mlserver-env: $(MLSERVER_STAMP)
 # promtool (Debian's prometheus package) checks the deploy rules; kubectl with kustomize ships with the machine image.
 tools:
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 
 $(FIRST_STAMP): | $(STAMP)

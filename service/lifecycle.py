@@ -230,7 +230,7 @@ class ModelLifecycle:
         slot = self.slots.get(entry.name)
         if slot is None:
             slot = self.slots[entry.name] = RuntimeSlot(entry.name, runtime, self._released)
-            state.add_batcher(entry, runtime, slot.run)
+            state.add_batcher(entry, slot.run, runtime)
         else:
             slot.swap(runtime)
         state.runtimes[entry.name] = runtime

@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted decoded image (width x height).")
     max_queue_size: int = Field(256, gt=0, description="Queued requests per (model, bucket) before 429.")
+    max_queue_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Bytes of preprocessed images a pool's admitted, unanswered requests may hold before "
+        "429 (per pool; size the pod's memory limit from it).",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Image decode threads per pool, so large images cannot starve small ones; 0 = cores.",
+    )
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Batching delay; default from each entry's config.pbtxt."
     )
@@ -95,6 +106,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(200_000, gt=0, description="Token budget per batch for high resolutions.")
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
+    max_explain_queue: int = Field(
+        4, ge=1, description="/v1/explain requests waiting for the explain thread before 429."
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="Longest wait for queued work on shutdown.")
     shutdown_delay_s: float = Field(
         0.0,
@@ -112,6 +126,9 @@ class Settings(BaseSettings):
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
+
+    def decoders(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
 
     @field_validator("runtimes", "triton_urls")
     @classmethod
