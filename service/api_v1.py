@@ -14,7 +14,7 @@ from service.accounting import request_record
 from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
 from service.dependencies import deadline, get_state, ready_state, unless_disconnected
 from service.imaging import DecodedImage, ImageHeader, check_content_type, decode_image, probe_image
-from service.preprocess import preprocess
+from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
 from service.schemas import (
     ClassifyResponse,
@@ -83,7 +83,7 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
         image_tokens=route.image_tokens,
         scale=route.scale,
         resized=route.resized,
-        resize_mode=route.resize_mode,
+        resize_mode=served_mode(route.resize_mode, entry.config.resize),
         reason=route.reason,
     )
 
@@ -91,12 +91,14 @@ def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
 def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Settings) -> tuple:
     """Decode and preprocess one admitted image on its pool's decode threads."""
     started = time.perf_counter()
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
     decoded = decode_image(
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=route.bucket,
-        mode=route.resize_mode,
+        target_side=decode_side(route.bucket, mode, recipe.crop_pct),
+        mode=mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
@@ -104,8 +106,10 @@ def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Sett
         route.bucket,
         entry.mean,
         entry.std,
-        route.resize_mode,
+        mode,
         original_size=decoded.original_size,
+        interpolation=recipe.interpolation,
+        crop_pct=recipe.crop_pct,
     )
     done = time.perf_counter()
     return (
@@ -129,31 +133,47 @@ async def _image_bytes(request: Request, state: ServingState, request_deadline: 
     return data
 
 
+async def read_and_route(
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
+) -> tuple[ImageHeader, Route, ModelEntry]:
+    """Read the body under its limits, probe the header and route it; no pixel is decoded yet."""
+    settings = state.settings
+    data = await _image_bytes(request, state, request_deadline)
+    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+    route = overrides.route(state, header.height, header.width)
+    entry = state.entry_for(route.model, route.bucket)
+    record = request_record(request)
+    record.route, record.model = route.pool, route.model
+    state.metrics.route_decisions.labels(route.pool, str(route.bucket)).inc()
+    return header, route, entry
+
+
+async def decode_routed(
+    request: Request, state: ServingState, header: ImageHeader, route: Route, entry: ModelEntry
+) -> tuple[DecodedImage, np.ndarray, dict]:
+    """Decode and preprocess on the route's pool decode threads; dropped if the client leaves."""
+    decoded, pixels, timings = await unless_disconnected(
+        request, state.decode(route.pool, _decode, header, route, entry, state.settings)
+    )
+    state.metrics.preprocess_duration.labels(route.pool).observe(
+        (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
+    )
+    return decoded, pixels, timings
+
+
 async def _run(
-    request: Request, state: ServingState, endpoint: str, overrides: RouteOverrides, request_deadline: float
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
 ) -> tuple[RoutedImage, dict[str, np.ndarray]]:
     """Shared path of classify and embed: read, probe, route, admit, decode, batch.
 
     Admission comes before decode, so under overload a request is refused (429) before any CPU goes
     into its pixels, and the queue place it holds bounds the memory its decode will take.
     """
-    metrics, settings = state.metrics, state.settings
-    record = request_record(request)
     started = time.perf_counter()
-    data = await _image_bytes(request, state, request_deadline)
-    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
-    route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.model, route.bucket)
-    record.route, record.model = route.pool, route.model
-    metrics.route_decisions.labels(route.pool, str(route.bucket)).inc()
+    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
     batcher = state.batcher(entry)
     with batcher.reserve() as reservation:
-        decoded, pixels, timings = await unless_disconnected(
-            request, state.decode(route.pool, _decode, header, route, entry, settings)
-        )
-        metrics.preprocess_duration.labels(route.pool).observe(
-            (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
-        )
+        decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
         submitted = time.perf_counter()
         outputs = await unless_disconnected(request, batcher.submit(pixels, request_deadline, reservation))
     finished = time.perf_counter()
@@ -166,6 +186,20 @@ def _image_info(decoded: DecodedImage) -> dict:
     return {"format": decoded.format, "width": decoded.original_size[0], "height": decoded.original_size[1]}
 
 
+def top_predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[Prediction]:
+    """The `top_k` most probable labels of one image's logits, by softmax probability."""
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    k = min(top_k, probs.size)
+    order = np.argpartition(-probs, k - 1)[:k]
+    order = order[np.argsort(-probs[order])]
+    return [
+        Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
+        for i in order
+    ]
+
+
 @router.post("/classify", name="classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(
     request: Request,
@@ -175,19 +209,9 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="Labels to return.")] = None,
 ) -> ClassifyResponse:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
-    routed, outputs = await _run(request, state, "classify", overrides, request_deadline)
-    logits = outputs["logits"].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    k = min(top_k or state.settings.top_k, probs.size)
-    order = np.argpartition(-probs, k - 1)[:k]
-    order = order[np.argsort(-probs[order])]
-    labels = routed.entry.labels
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     return ClassifyResponse(
-        predictions=[
-            Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
-            for i in order
-        ],
+        predictions=top_predictions(outputs["logits"], routed.entry.labels, top_k or state.settings.top_k),
         route=_route_info(routed.route, routed.entry),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
@@ -202,7 +226,7 @@ async def embed(
     overrides: Overrides,
 ) -> EmbedResponse:
     """The pooled embedding of an image (same input as /v1/classify)."""
-    routed, outputs = await _run(request, state, "embed", overrides, request_deadline)
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     vector = outputs["embedding"].astype(np.float32)
     return EmbedResponse(
         embedding=vector.tolist(),

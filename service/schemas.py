@@ -36,7 +36,7 @@ class RouteInfo(BaseModel):
     image_tokens: int = Field(description="Tokens of the image at the global backbone's patch size.")
     scale: float
     resized: tuple[int, int] = Field(description="(height, width) after resizing, before pad/crop.")
-    resize_mode: Literal["pad", "crop"]
+    resize_mode: Literal["pad", "crop", "squash"]
     reason: str
 
 

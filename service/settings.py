@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(200_000, gt=0, description="Token budget per batch for high resolutions.")
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
+    max_explain_queue: int = Field(
+        4, ge=1, description="/v1/explain requests waiting for the explain thread before 429."
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="Longest wait for queued work on shutdown.")
     shutdown_delay_s: float = Field(
         0.0,

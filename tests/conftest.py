@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from support.digits import DigitsData, load_digits_images, train_digits_model
-from support.repos import build_photo_repository
+from support.repos import DigitsRepository, build_digits_repository, build_photo_repository
 from support.server import ServerProcess, running_server
 
 
@@ -41,4 +41,27 @@ def photo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def photo_server(photo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`vitserve serve` on the photo repository: default settings, routing derived from the repository."""
     with running_server(tmp_path_factory.mktemp("photo_server"), repository=photo_repository) as server:
+        yield server
+
+
+# --- The trained digits models exported and served (test_service_digits.py, test_explain.py). ---
+
+
+@pytest.fixture(scope="session")
+def digits_repository(
+    tmp_path_factory: pytest.TempPathFactory, digits_vit: nn.Module, digits_swin: nn.Module
+) -> DigitsRepository:
+    return build_digits_repository(tmp_path_factory.mktemp("digits"), digits_vit, digits_swin)
+
+
+@pytest.fixture(scope="session")
+def digits_server(
+    digits_repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """`vitserve serve` on the digits repository with its routing file (digits go to the ViT)."""
+    with running_server(
+        tmp_path_factory.mktemp("digits_server"),
+        repository=digits_repository.path,
+        routing=digits_repository.routing,
+    ) as server:
         yield server

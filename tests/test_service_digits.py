@@ -10,7 +10,6 @@ The ViT takes the automatic (global) route; the Swin is reached with the `route=
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,29 +19,10 @@ import torch
 from torch import nn
 
 from support.digits import DigitsData, normalize
-from support.repos import DIGITS_MAX_GLOBAL_TOKENS, DigitsRepository, build_digits_repository
-from support.server import ServerProcess, encode_image, running_server
+from support.repos import DIGITS_MAX_GLOBAL_TOKENS, DigitsRepository
+from support.server import ServerProcess, encode_image
 
 CONCURRENCY = 16
-
-
-@pytest.fixture(scope="module")
-def digits_repository(
-    tmp_path_factory: pytest.TempPathFactory, digits_vit: nn.Module, digits_swin: nn.Module
-) -> DigitsRepository:
-    return build_digits_repository(tmp_path_factory.mktemp("digits"), digits_vit, digits_swin)
-
-
-@pytest.fixture(scope="module")
-def digits_server(
-    digits_repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("digits_server"),
-        repository=digits_repository.path,
-        routing=digits_repository.routing,
-    ) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
