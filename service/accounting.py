@@ -75,4 +75,5 @@ class Accounting:
             raise
         finally:
             inflight.dec()
-            record_response(self.metrics, getattr(scope.get("route"), "name", "none"), record, status)
+            endpoint = getattr(scope.get("route"), "name", None) or "none"
+            record_response(self.metrics, endpoint, record, status)
