@@ -252,7 +252,7 @@ async def embed(
     return EmbedResponse(
         embedding=vector.tolist(),
         dim=int(vector.size),
-        route=_route_info(routed.route),
+        route=_route_info(routed.route, routed.entry),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
