@@ -33,6 +33,13 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
 
 
+def record_response(metrics: Metrics, endpoint: str, record: RequestRecord, status: int) -> None:
+    """Count and time one answered request (HTTP here; other transports such as gRPC call it too)."""
+    labels = (endpoint, record.route, record.model)
+    metrics.request_duration.labels(*labels).observe(time.perf_counter() - record.started)
+    metrics.requests.labels(*labels, str(status)).inc()
+
+
 def request_record(request: Request) -> RequestRecord:
     """The record the middleware opened for this request (a fresh one outside the middleware)."""
     return request.scope.setdefault(SCOPE_KEY, RequestRecord())
@@ -68,6 +75,5 @@ class Accounting:
             raise
         finally:
             inflight.dec()
-            labels = (getattr(scope.get("route"), "name", "none"), record.route, record.model)
-            self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - record.started)
-            self.metrics.requests.labels(*labels, str(status)).inc()
+            endpoint = getattr(scope.get("route"), "name", None) or "none"
+            record_response(self.metrics, endpoint, record, status)

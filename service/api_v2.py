@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from export.repository import ModelEntry
 from service.accounting import request_record
-from service.batcher import Batcher, Reservation
+from service.batcher import Batcher
 from service.bodies import read_body
 from service.dependencies import deadline, get_state, ready_state, unless_disconnected
 from service.errors import APIError
@@ -108,20 +108,19 @@ def _protocol_deadline(parsed: ParsedInfer, deadline: float) -> float:
     return min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
 
 
-async def _submit_rows(
-    batcher: Batcher, pixels: np.ndarray, request_deadline: float, reservation: Reservation
-) -> list[dict]:
-    """Submit every row on its reserved place; when one fails (deadline), withdraw the rows still queued.
+async def _submit_rows(batcher: Batcher, pixels: np.ndarray, request_deadline: float) -> list[dict]:
+    """Admit all rows at once (or 429), submit each; when one fails, withdraw the rows still queued.
 
-    Rows that a batch has already taken still run: the batcher admits rows one at a time.
+    Rows that a batch has already taken still run: the batcher queues rows one at a time.
     """
-    rows = [asyncio.ensure_future(batcher.submit(row, request_deadline, reservation)) for row in pixels]
-    try:
-        return await asyncio.gather(*rows)
-    except BaseException:
-        for row in rows:
-            row.cancel()
-        raise
+    with batcher.reserve(len(pixels)) as reservation:
+        rows = [asyncio.ensure_future(batcher.submit(row, request_deadline, reservation)) for row in pixels]
+        try:
+            return await asyncio.gather(*rows)
+        except BaseException:
+            for row in rows:
+                row.cancel()
+            raise
 
 
 @router.post("/models/{model}/infer", name="v2_infer", responses=ERRORS)
@@ -149,12 +148,10 @@ async def infer(
         pool, parse_infer, body, request.headers.get(HEADER_LENGTH), entry, max_batch_size
     )
     del body
-    batcher = state.batcher(entry)
-    with batcher.reserve(len(parsed.pixels)) as reservation:
-        rows = await unless_disconnected(
-            request,
-            _submit_rows(batcher, parsed.pixels, _protocol_deadline(parsed, request_deadline), reservation),
-        )
+    rows = await unless_disconnected(
+        request,
+        _submit_rows(state.batcher(entry), parsed.pixels, _protocol_deadline(parsed, request_deadline)),
+    )
     outputs = {key: np.stack([r[key] for r in rows]) for key in OUTPUT_KEYS}
     content, head_length = encode_infer(entry, parsed, outputs)
     if head_length == len(content):

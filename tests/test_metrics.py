@@ -67,6 +67,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.batch_size.labels("vit").observe(8)
     metrics.requests.labels("classify", "global", "vit", "200").inc()
     metrics.route_decisions.labels("global", "224").inc()
+    metrics.route_degraded.labels("windowed").inc()
     metrics.track_queue(Queue("global", "vit", 3, 588))
     metrics.track_budget(Budget("global", 1806336))
     metrics.decoding.labels("windowed").inc()

@@ -39,6 +39,8 @@ MAX_QUEUE_SIZE = 2
 QUEUE_DELAY_MS = 2500
 MAX_BODY_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
+# Room for three preprocessed 224 images in the global pool's queue (3 x 3 x 224 x 224 float32).
+MAX_QUEUE_BYTES = 3 * 3 * 224 * 224 * 4
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def limits_server(
         max_queue_delay_ms=QUEUE_DELAY_MS,
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
+        max_queue_bytes=MAX_QUEUE_BYTES,
     ) as server:
         yield server
 
@@ -106,6 +109,28 @@ def test_full_queue_is_429_with_retry_after_and_the_queued_requests_complete(
     assert [q.result().status_code for q in queued] == [200] * MAX_QUEUE_SIZE
     assert _computed(url) == computed + MAX_QUEUE_SIZE  # the rejected request never ran
     assert_serves(url)
+
+
+def test_the_pools_queue_bytes_bound_admission_across_its_buckets(limits_server: ServerProcess) -> None:
+    """Two queued 224 images leave too few of the global pool's bytes for one image of its larger bucket."""
+    url = limits_server.url
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    larger = min(
+        (m for m in models if m["pool"] == "global" and m["bucket"] > 224), key=lambda m: m["bucket"]
+    )
+    prime_batch_of_two(url, ENTRY)
+    queued = [Background(url) for _ in range(MAX_QUEUE_SIZE)]
+    wait_until(lambda: _queued(url) == MAX_QUEUE_SIZE, "the queue to fill")
+    assert scrape_metrics(url).value("vitserve_queue_bytes", pool="global") == 2 * 3 * 224 * 224 * 4
+    side = larger["bucket"]
+
+    response = v2_infer(url, larger["name"], np.zeros((1, 3, side, side), np.float32))
+
+    assert response.status_code == 429, response.text
+    assert "queued bytes" in response.json()["error"]
+    assert [q.result().status_code for q in queued] == [200] * MAX_QUEUE_SIZE
+    assert scrape_metrics(url).value("vitserve_queue_bytes", pool="global") == 0
+    assert v2_infer(url, larger["name"], np.zeros((1, 3, side, side), np.float32)).status_code == 200
 
 
 def test_v2_request_with_more_rows_than_the_queue_holds_is_429_in_the_kserve_shape(
