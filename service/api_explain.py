@@ -49,7 +49,7 @@ class ExplainResponse(BaseModel):
     timings: Timings
 
 
-def _heat_map_info(heat: HeatMap, width: int, height: int, bucket: int, mode: str) -> HeatMapInfo:
+def _heat_map_info(heat: HeatMap, width: int, height: int, bucket: tuple[int, int], mode: str) -> HeatMapInfo:
     """The heat map with its grid mapped back onto the original image through the resize geometry."""
     geometry = resize_geometry(width, height, bucket, mode)
     left, top = geometry.source_box[:2]
@@ -96,6 +96,6 @@ async def explain(
         predictions=top_predictions(result.logits, entry.labels, top_k or state.settings.top_k),
         route=_route_info(route, entry),
         image=_image_info(decoded),
-        heatmap=_heat_map_info(result.heat_map, width, height, route.bucket, route.resize_mode),
+        heatmap=_heat_map_info(result.heat_map, width, height, route.shape, route.resize_mode),
         timings=Timings(**timings),
     )
