@@ -116,6 +116,7 @@ class ModelLifecycle:
     unloaded: set[str] = field(default_factory=set)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _poller: asyncio.Task[None] | None = None
+    _missing: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         registry = self.state.metrics.registry
@@ -283,11 +284,17 @@ class ModelLifecycle:
         return [row for row in rows if row["state"] == "READY" or not ready_only]
 
     async def poll_once(self) -> None:
-        """Load what changed on disk, unload what disappeared; refusals are logged, not raised."""
+        """Load what changed on disk, unload what disappeared; refusals are logged, not raised.
+
+        An entry is unloaded when two scans in a row miss it: `publish` replaces an entry with two
+        renames, and a scan between them must not take a re-exported entry out of service.
+        """
         async with self._lock:
             names = {p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
-            for name in sorted(set(self.state.entries) - names):
+            missing = set(self.state.entries) - names
+            for name in sorted(missing & self._missing):
                 await self._unload(name)
+            self._missing = missing
             for name in sorted(names - self.unloaded):
                 if not self._wanted(name) or self._unchanged(name):
                     continue
