@@ -21,7 +21,7 @@ from service.dependencies import deadline, observed, ready_state
 from service.errors import APIError
 from service.explain import HeatMap, NotExplainable
 from service.explainer import Explainers
-from service.preprocess import resize_geometry
+from service.preprocess import ResizeGeometry, resize_geometry
 from service.schemas import ErrorBody, Prediction, RouteInfo, Timings
 from service.state import ServingState
 
@@ -49,9 +49,8 @@ class ExplainResponse(BaseModel):
     timings: Timings
 
 
-def _heat_map_info(heat: HeatMap, width: int, height: int, bucket: int, mode: str) -> HeatMapInfo:
+def _heat_map_info(heat: HeatMap, geometry: ResizeGeometry, width: int, height: int) -> HeatMapInfo:
     """The heat map with its grid mapped back onto the original image through the resize geometry."""
-    geometry = resize_geometry(width, height, bucket, mode)
     left, top = geometry.source_box[:2]
     rows, cols = heat.values.shape
     span_x = cols * heat.cell_pixels / geometry.scale
@@ -86,21 +85,23 @@ async def explain(
             state.cpu_pool, _prepare, state, data, overrides
         )
         record.route, record.model = routed.route.pool, routed.route.model
+        width, height = routed.decoded.original_size
+        geometry = resize_geometry(width, height, routed.route.bucket, routed.route.resize_mode)
+        content_width, content_height = geometry.content_size
         submitted = time.perf_counter()
         try:
-            result = await explainers.explain(routed.entry, routed.pixels, request_deadline)
+            result = await explainers.explain(
+                routed.entry, routed.pixels, (content_height, content_width), request_deadline
+            )
         except NotExplainable as exc:
             raise APIError(501, "not_explainable", f"{exc}; /v1/classify still serves it") from exc
         finished = time.perf_counter()
         routed.timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
         routed.timings["total_ms"] = (finished - started) * 1e3
-        width, height = routed.decoded.original_size
         return ExplainResponse(
             predictions=top_predictions(result.logits, routed.entry.labels, top_k or state.settings.top_k),
             route=_route_info(routed.route, routed.entry),
             image=_image_info(routed.decoded),
-            heatmap=_heat_map_info(
-                result.heat_map, width, height, routed.route.bucket, routed.route.resize_mode
-            ),
+            heatmap=_heat_map_info(result.heat_map, geometry, width, height),
             timings=Timings(**routed.timings),
         )

@@ -9,7 +9,8 @@ cannot be read back by name. The graph itself can tell what it attends to: opset
 `instrument` exposes those tensors (and, for windowed backbones, the final tokens) as extra graph
 outputs; a second session on that graph answers /v1/explain while the serving session stays as it is.
 
-Methods (the heat map is a grid over the model input; it sums to 1):
+Methods (the heat map is a grid over the model input; it sums to 1 over the cells that hold the
+image, padding cells are 0):
 - Global attention (ViT; NAT/DiNAT, whose masks keep the full token set): attention rollout
   (Abnar & Zuidema, 2020). Layer l mixes tokens by M_l = (A_l + I) / 2, A_l its head-averaged
   probabilities and I the residual path; the relevance of the input tokens to the pooled output
@@ -110,22 +111,35 @@ def _pooled_tokens(graph: onnx.GraphProto, output: str) -> str | None:
 def heat_map(
     config: BackboneConfig,
     bucket: int,
+    content: tuple[int, int],
     attention: list[np.ndarray],
     tokens: np.ndarray | None,
     embedding: np.ndarray,
 ) -> HeatMap:
-    """The heat map of one image from its probes' values (batch of one), by the module's methods."""
+    """The heat map of one image from its probes' values (batch of one), by the module's methods.
+
+    `content` is the (height, width) in input pixels that holds the image; cells wholly in the
+    padding are zeroed and the map renormalized over the image. Padding is not part of the image,
+    yet it draws relevance: its constant tokens resemble the pooled embedding, which averages them in.
+    """
     probabilities = [np.asarray(a, dtype=np.float64).mean(axis=1) for a in attention]
     if isinstance(config, SwinConfig):
         if tokens is None:
             raise NotExplainable(
                 "the graph does not pool its final tokens with ReduceMean; cannot seed Swin relevance"
             )
-        return _windowed(config, bucket, probabilities, tokens[0], embedding[0])
-    return _global(config, bucket, probabilities)
+        values, method = _windowed(config, bucket, probabilities, tokens[0], embedding[0])
+    else:
+        values, method = _global(config, bucket, probabilities)
+    cell = config.patch_size
+    rows, cols = (-(-side // cell) for side in content)
+    values[rows:, :] = 0.0
+    values[:, cols:] = 0.0
+    total = values.sum()
+    return HeatMap(values / total if total > 0 else values, method, cell)
 
 
-def _global(config: ViTConfig, bucket: int, probabilities: list[np.ndarray]) -> HeatMap:
+def _global(config: ViTConfig, bucket: int, probabilities: list[np.ndarray]) -> tuple[np.ndarray, str]:
     side = -(-bucket // config.patch_size)
     prefix = 1 if config.class_token else 0
     tokens = prefix + side * side
@@ -136,12 +150,12 @@ def _global(config: ViTConfig, bucket: int, probabilities: list[np.ndarray]) -> 
         relevance[prefix:] = 1.0 / (side * side)
     for layer in reversed(probabilities):
         relevance = 0.5 * relevance + 0.5 * relevance @ layer[0]
-    return _normalized(relevance[prefix:].reshape(side, side), "attention_rollout", config.patch_size)
+    return relevance[prefix:].reshape(side, side), "attention_rollout"
 
 
 def _windowed(
     config: SwinConfig, bucket: int, probabilities: list[np.ndarray], tokens: np.ndarray, pooled: np.ndarray
-) -> HeatMap:
+) -> tuple[np.ndarray, str]:
     grids = [(-(-bucket // config.patch_size),) * 2]
     for _ in config.depths[1:]:
         grids.append(tuple(-(-side // 2) for side in grids[-1]))
@@ -155,7 +169,7 @@ def _windowed(
         if stage:
             rows, cols = grids[stage - 1]
             relevance = np.repeat(np.repeat(relevance / 4, 2, axis=0), 2, axis=1)[:rows, :cols]
-    return _normalized(relevance, "window_rollout_from_token_similarity", config.patch_size)
+    return relevance, "window_rollout_from_token_similarity"
 
 
 def _window_step(relevance: np.ndarray, layer: np.ndarray, size: int, shift: int) -> np.ndarray:
@@ -171,8 +185,3 @@ def _window_step(relevance: np.ndarray, layer: np.ndarray, size: int, shift: int
     back = mixed.reshape(prows // size, pcols // size, size, size).transpose(0, 2, 1, 3)
     back = np.roll(back.reshape(prows, pcols), (shift, shift), axis=(0, 1))
     return back[:rows, :cols]
-
-
-def _normalized(values: np.ndarray, method: str, cell_pixels: int) -> HeatMap:
-    total = values.sum()
-    return HeatMap(values / total if total > 0 else values, method, cell_pixels)

@@ -137,7 +137,8 @@ def test_vit_rollout_equals_pytorch_reference(
 
 
 def test_heat_map_box_maps_the_grid_onto_a_padded_image(photo_server: ServerProcess) -> None:
-    """A 300x200 photo on the global backbone's 384 bucket: the grid covers 300 x 300 source pixels."""
+    """A 300x200 photo on the global backbone's 384 bucket: the grid covers 300 x 300 source pixels,
+    the bottom third of it padding, which gets no relevance."""
     pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     answer = httpx.post(
         f"{photo_server.url}/v1/explain", content=encode_image(pixels), headers=PNG, timeout=60
@@ -145,6 +146,10 @@ def test_heat_map_box_maps_the_grid_onto_a_padded_image(photo_server: ServerProc
     assert (answer["route"]["pool"], answer["route"]["bucket"]) == ("global", 384)
     assert answer["heatmap"]["grid"] == [24, 24]
     assert answer["heatmap"]["box"] == pytest.approx([0.0, 0.0, 1.0, 1.5])
+    values = np.array(answer["heatmap"]["values"])
+    image_rows = 200 * 384 // 300 // 16
+    assert values[image_rows:].sum() == 0.0, "padding cells carry no relevance"
+    assert values[:image_rows].sum() == pytest.approx(1.0, abs=1e-4) and values[:image_rows].min() > 0
     assert set(answer["timings"]) >= {"decode_ms", "preprocess_ms", "queue_and_inference_ms", "total_ms"}
 
 
