@@ -2,7 +2,8 @@
 
 Generating the text proto from `model_config_pb2.ModelConfig` (shipped by tritonclient) means the
 file is valid by construction; `parameters` carry what vitserve's gateway needs to serve the entry
-without loading the model first (backbone, arch, attention, patch, window, bucket, mean/std, labels).
+without loading the model first (backbone, arch, attention, patch, window, bucket, labels, and the
+checkpoint's preprocessing: mean/std, interpolation, resize policy, crop_pct).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
         "labels_file": LABELS_FILENAME,
         "mean": _float_list(cfg.mean),
         "std": _float_list(cfg.std),
+        "interpolation": cfg.interpolation,
+        "resize": cfg.resize,
+        "crop_pct": repr(float(cfg.crop_pct)),
         "model_config": json.dumps(cfg.to_dict(), separators=(",", ":")),
     }
     for key, value in parameters.items():

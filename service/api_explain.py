@@ -11,17 +11,17 @@ from pydantic import BaseModel, Field
 from service.api_v1 import (
     ERRORS,
     Overrides,
-    _image_bytes,
     _image_info,
-    _prepare,
     _route_info,
+    decode_routed,
+    read_and_route,
     top_predictions,
 )
-from service.dependencies import deadline, observed, ready_state
+from service.dependencies import deadline, ready_state
 from service.errors import APIError
 from service.explain import HeatMap, NotExplainable
 from service.explainer import Explainers
-from service.preprocess import ResizeGeometry, resize_geometry
+from service.preprocess import ResizeGeometry, resize_geometry, served_mode
 from service.schemas import ErrorBody, Prediction, RouteInfo, Timings
 from service.state import ServingState
 
@@ -50,11 +50,13 @@ class ExplainResponse(BaseModel):
 
 
 def _heat_map_info(heat: HeatMap, geometry: ResizeGeometry, width: int, height: int) -> HeatMapInfo:
-    """The heat map with its grid mapped back onto the original image through the resize geometry."""
-    left, top = geometry.source_box[:2]
+    """The heat map with its grid mapped back onto the original image through the resize geometry:
+    per axis, source pixels per input pixel are the source box over the content it became."""
+    left, top, right, bottom = geometry.source_box
+    content_width, content_height = geometry.content_size
     rows, cols = heat.values.shape
-    span_x = cols * heat.cell_pixels / geometry.scale
-    span_y = rows * heat.cell_pixels / geometry.scale
+    span_x = cols * heat.cell_pixels * (right - left) / content_width
+    span_y = rows * heat.cell_pixels * (bottom - top) / content_height
     return HeatMapInfo(
         method=heat.method,
         grid=(rows, cols),
@@ -66,6 +68,7 @@ def _heat_map_info(heat: HeatMap, geometry: ResizeGeometry, width: int, height: 
 
 @router.post(
     "/explain",
+    name="explain",
     response_model=ExplainResponse,
     responses={**ERRORS, 501: {"model": ErrorBody, "description": "The entry cannot be explained."}},
 )
@@ -78,30 +81,26 @@ async def explain(
 ) -> ExplainResponse:
     """Route and classify an image like /v1/classify, and return a heat map of where the model looked."""
     explainers: Explainers = request.app.state.explainers
-    with observed(state.metrics, "explain") as record:
-        started = time.perf_counter()
-        data = await _image_bytes(request, state)
-        routed = await request.app.state.loop.run_in_executor(
-            state.cpu_pool, _prepare, state, data, overrides
-        )
-        record.route, record.model = routed.route.pool, routed.route.model
-        width, height = routed.decoded.original_size
-        geometry = resize_geometry(width, height, routed.route.bucket, routed.route.resize_mode)
-        content_width, content_height = geometry.content_size
-        submitted = time.perf_counter()
-        try:
-            result = await explainers.explain(
-                routed.entry, routed.pixels, (content_height, content_width), request_deadline
-            )
-        except NotExplainable as exc:
-            raise APIError(501, "not_explainable", f"{exc}; /v1/classify still serves it") from exc
-        finished = time.perf_counter()
-        routed.timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
-        routed.timings["total_ms"] = (finished - started) * 1e3
-        return ExplainResponse(
-            predictions=top_predictions(result.logits, routed.entry.labels, top_k or state.settings.top_k),
-            route=_route_info(routed.route, routed.entry),
-            image=_image_info(routed.decoded),
-            heatmap=_heat_map_info(result.heat_map, geometry, width, height),
-            timings=Timings(**routed.timings),
-        )
+    started = time.perf_counter()
+    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
+    decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
+    width, height = decoded.original_size
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
+    geometry = resize_geometry(width, height, route.bucket, mode, recipe.crop_pct)
+    content_width, content_height = geometry.content_size
+    submitted = time.perf_counter()
+    try:
+        result = await explainers.explain(entry, pixels, (content_height, content_width), request_deadline)
+    except NotExplainable as exc:
+        raise APIError(501, "not_explainable", f"{exc}; /v1/classify still serves it") from exc
+    finished = time.perf_counter()
+    timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
+    timings["total_ms"] = (finished - started) * 1e3
+    return ExplainResponse(
+        predictions=top_predictions(result.logits, entry.labels, top_k or state.settings.top_k),
+        route=_route_info(route, entry),
+        image=_image_info(decoded),
+        heatmap=_heat_map_info(result.heat_map, geometry, width, height),
+        timings=Timings(**timings),
+    )

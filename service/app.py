@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 
 from service import api_explain, api_repository, api_v1, api_v2, page
+from service.accounting import Accounting
 from service.errors import install_error_handlers
 from service.explainer import Explainers
 from service.metrics import Metrics
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = state
     app.state.explainers = Explainers(settings.threads(), settings.max_explain_queue)
     install_error_handlers(app)
+    uncounted = {"/metrics", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(Accounting, metrics=state.metrics, uncounted=frozenset(uncounted - {None}))
     if settings.role == "gateway":
         app.include_router(api_v1.router)
         app.include_router(api_explain.router)

@@ -200,7 +200,9 @@ class ModelLifecycle:
         """Executor side: load the runtime and check one smoke inference's outputs."""
         settings = self.state.settings
         kind = settings.runtime_for(entry.name, entry.backbone)
-        runtime = load_runtime(kind, entry, settings.threads(), settings, self.state.pool_of(entry))
+        runtime = load_runtime(
+            kind, entry, settings.threads(), settings, self.state.pool_of(entry), self.state.endpoints
+        )
         outputs = runtime.run(np.zeros((1, *entry.input_shape), np.float32))
         config = entry.config
         expected = {"logits": config.num_classes or config.num_features, "embedding": config.num_features}
@@ -294,9 +296,14 @@ class ModelLifecycle:
                     continue
 
     def _wanted(self, name: str) -> bool:
-        """Served already, or allowed by VITSERVE_MODELS (entry names; empty allows every entry)."""
+        """Served already, or allowed by VITSERVE_MODELS (entry or backbone names; empty allows all)."""
         wanted = {n for n in self.state.settings.models.split(",") if n}
-        return name in self.state.entries or not wanted or name in wanted
+        if name in self.state.entries or not wanted or name in wanted:
+            return True
+        try:
+            return read_entry(self.repository / name).backbone in wanted
+        except ExportError:
+            return False
 
     def _unchanged(self, name: str) -> bool:
         disk = DiskVersion.of(self.repository / name)

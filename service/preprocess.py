@@ -4,21 +4,28 @@ Runs in the gateway's thread pool, so it is plain C work (Pillow resampling, num
 releases the GIL; there is no per-pixel Python. The result is written straight into `out`, which
 the gateway points at its slot in the batch buffer, so the only copy of the tensor is that one.
 
-Geometry (`resize_geometry`, shared with the router so its explanation matches what is done):
+Geometry (`resize_geometry`, shared with the router so its explanation matches what is done). The
+router picks "pad" or "crop"; an entry whose checkpoint recorded its own processor overrides that
+(`served_mode`), since the model was trained on images prepared its way:
 - "pad": scale so the long side equals the bucket, keep the aspect ratio, place the content at the
   top-left and pad bottom/right with zeros *after* normalization, i.e. with the mean colour, which
   is what the model sees as "no signal".
 - "crop": scale so the short side equals the bucket and keep the centered bucket x bucket square.
   Only that square of the source is resampled (Pillow's `box`): the same pixels as
   resize-then-center-crop when the scaled size is whole, exactly centered (sub-pixel) otherwise,
-  and the discarded margins are never resampled.
-Resampling is bilinear with Pillow's antialiasing; `reducing_gap` lets Pillow first shrink by an
-integer factor with a box filter when the downscale is large, which is much faster and visually
-indistinguishable at this gap.
+  and the discarded margins are never resampled. With the checkpoint's `crop_pct` < 1 (timm's eval
+  transform) the short side goes to floor(bucket / crop_pct) first, so the square keeps the
+  checkpoint's margin.
+- "squash": both sides to the bucket, aspect ratio not kept (transformers' ViTImageProcessor);
+  pixel for pixel what that processor computes.
+Resampling uses the checkpoint's Pillow filter (`interpolation`, bilinear when it recorded none), with
+Pillow's antialiasing; `reducing_gap` lets Pillow first shrink by an integer factor with a box filter
+when the downscale is 6x or more, which is much faster and visually indistinguishable at this gap.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -26,9 +33,34 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
-ResizeMode = Literal["pad", "crop"]
+ResizeMode = Literal["pad", "crop", "squash"]
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 REDUCING_GAP = 3.0
+FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# The checkpoint policy that leaves the router's pad/crop in charge (models.config.RESIZE_POLICIES).
+ROUTE_POLICY = "route"
+
+
+def served_mode(route_mode: ResizeMode, policy: str) -> ResizeMode:
+    """The resize mode an entry is served with: its checkpoint's policy, else the router's."""
+    if policy == ROUTE_POLICY:
+        return route_mode
+    if policy not in RESIZE_MODES:
+        raise ValueError(f"resize policy {policy!r} is not {ROUTE_POLICY!r} or one of {RESIZE_MODES}")
+    return policy  # type: ignore[return-value]
+
+
+def decode_side(bucket: int, mode: ResizeMode, crop_pct: float = 1.0) -> int:
+    """The side (the one `mode` maps onto the bucket) the decoder must keep: larger than the bucket
+    when a crop_pct margin is cut away."""
+    return math.ceil(bucket / crop_pct) if mode == "crop" else bucket
 
 
 @dataclass(frozen=True)
@@ -36,7 +68,8 @@ class ResizeGeometry:
     """How an image of a given size lands in a bucket.
 
     `scale` is output pixels per source pixel (the short side of a padded image is rounded to whole
-    pixels, so its own scale differs by under half a pixel); `resized_size` is the whole
+    pixels, so its own scale differs by under half a pixel; a squashed image has one scale per axis
+    and reports its long side's); `resized_size` is the whole
     source after scaling, before padding or cropping; `content_size` is the (width, height) of the
     image inside the bucket (the rest is padding in "pad" mode); `source_box` is the (left, top,
     right, bottom) region of the source that ends up in the bucket, in source pixels.
@@ -50,19 +83,31 @@ class ResizeGeometry:
     source_box: tuple[float, float, float, float]
 
 
-def resize_geometry(width: int, height: int, bucket: int, mode: ResizeMode) -> ResizeGeometry:
+def resize_geometry(
+    width: int, height: int, bucket: int, mode: ResizeMode, crop_pct: float = 1.0
+) -> ResizeGeometry:
     """Compute where a `width` x `height` image goes in a `bucket` x `bucket` input."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if bucket < 1:
         raise ValueError(f"bucket must be a positive number of pixels, got {bucket}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    full = (0.0, 0.0, float(width), float(height))
+    if mode == "squash":
+        return ResizeGeometry(
+            bucket, mode, bucket / max(width, height), (bucket, bucket), (bucket, bucket), full
+        )
     if mode == "pad":
         scale = bucket / max(width, height)
         resized = (_scaled(width, scale, bucket), _scaled(height, scale, bucket))
-        return ResizeGeometry(bucket, mode, scale, resized, resized, (0.0, 0.0, float(width), float(height)))
+        return ResizeGeometry(bucket, mode, scale, resized, resized, full)
     if mode == "crop":
-        side = min(width, height)
-        scale = bucket / side
+        short = min(width, height)
+        # timm's eval transform: scale_size = floor(img_size / crop_pct); a hair of slack absorbs
+        # crop_pct values like 224/256 that are not exact in binary.
+        scale = math.floor(bucket / crop_pct + 1e-9) / short
+        side = bucket / scale
         left, top = (width - side) / 2, (height - side) / 2
         resized = (max(bucket, round(width * scale)), max(bucket, round(height * scale)))
         return ResizeGeometry(
@@ -80,6 +125,8 @@ def preprocess(
     out: np.ndarray | None = None,
     *,
     original_size: tuple[int, int] | None = None,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
 ) -> np.ndarray:
     """Resize `image` (H, W, 3 uint8) into the bucket and normalize to float32 (3, bucket, bucket).
 
@@ -87,12 +134,15 @@ def preprocess(
     shape, e.g. a view into a batch buffer) the result is written there and `out` is returned.
     `original_size` is the (width, height) the geometry is computed for when `image` was decoded
     at reduced scale, so the output matches `resize_geometry` of the original size exactly.
+    `interpolation` (a FILTERS name) and `crop_pct` are the checkpoint's (models.config).
     """
+    if interpolation not in FILTERS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(FILTERS)}")
     _check_image(image)
     gain, offset = _normalization(mean, std)
     height, width = image.shape[:2]
     src_width, src_height = original_size or (width, height)
-    geometry = resize_geometry(src_width, src_height, bucket, mode)
+    geometry = resize_geometry(src_width, src_height, bucket, mode, crop_pct)
     target = _output(out, bucket)
     content_width, content_height = geometry.content_size
     left, top, right, bottom = geometry.source_box
@@ -103,7 +153,7 @@ def preprocess(
     else:
         resized = np.asarray(
             Image.fromarray(image).resize(
-                geometry.content_size, Image.Resampling.BILINEAR, box=box, reducing_gap=REDUCING_GAP
+                geometry.content_size, FILTERS[interpolation], box=box, reducing_gap=REDUCING_GAP
             )
         )
     pixels = resized.transpose(2, 0, 1)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictStr
 
 from service.router import Candidate
 
@@ -36,7 +36,7 @@ class RouteInfo(BaseModel):
     image_tokens: int = Field(description="Tokens of the image at the global backbone's patch size.")
     scale: float
     resized: tuple[int, int] = Field(description="(height, width) after resizing, before pad/crop.")
-    resize_mode: Literal["pad", "crop"]
+    resize_mode: Literal["pad", "crop", "squash"]
     reason: str
 
 
@@ -97,25 +97,31 @@ class ModelsResponse(BaseModel):
     backbones: dict[str, list[int]] = Field(description="Backbone -> buckets it serves.")
 
 
-class V2Tensor(BaseModel):
-    """A KServe v2 tensor; `data` is absent when the tensor travels in the binary extension."""
+# Strict on purpose: `true`, `"1.5"`, `null` or `{}` are not tensor values, and NaN/Infinity would
+# come back as invalid JSON; JSON integers still count as numbers.
+V2Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+V2Dim = Annotated[int, Field(strict=True, ge=0)]
 
-    name: str
-    shape: list[int]
-    datatype: str
+
+class V2Tensor(BaseModel):
+    """A KServe v2 tensor; `data` (flat, row-major) is absent when it travels in the binary extension."""
+
+    name: StrictStr
+    shape: list[V2Dim]
+    datatype: StrictStr
     parameters: dict[str, Any] = Field(default_factory=dict)
-    data: list[Any] | None = None
+    data: list[V2Number] | None = None
 
 
 class V2RequestedOutput(BaseModel):
-    name: str
+    name: StrictStr
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class V2InferRequest(BaseModel):
-    id: str | None = None
+    id: StrictStr | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[V2Tensor]
+    inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[V2RequestedOutput] | None = None
 
 

@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted decoded image (width x height).")
     max_queue_size: int = Field(256, gt=0, description="Queued requests per (model, bucket) before 429.")
+    max_queue_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Bytes of preprocessed images a pool's admitted, unanswered requests may hold before "
+        "429 (per pool; size the pod's memory limit from it).",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Image decode threads per pool, so large images cannot starve small ones; 0 = cores.",
+    )
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Batching delay; default from each entry's config.pbtxt."
     )
@@ -115,6 +126,9 @@ class Settings(BaseSettings):
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
+
+    def decoders(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
 
     @field_validator("runtimes", "triton_urls")
     @classmethod

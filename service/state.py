@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from export.repository import ModelEntry, read_repository
 from service.batcher import Batcher, BatcherGroup, RunBatch
@@ -24,6 +25,7 @@ from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
 GLOBAL_ATTENTION = ("global",)
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
@@ -42,8 +44,10 @@ class ServingState:
     router: Router | None = None
     ready: bool = False
     draining: bool = False
-    cpu_pool: ThreadPoolExecutor | None = None
+    decode_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    drain_timed_out: bool = False
+    _drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
     endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
@@ -97,7 +101,6 @@ class ServingState:
         self.backbones = group_by_backbone(entries)
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
-        self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
         self.endpoints = EndpointRegistry(
@@ -116,7 +119,7 @@ class ServingState:
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
-        self.batchers = BatcherGroup(self.metrics)
+        self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
         self.lifecycle = ModelLifecycle(self)
         for entry in entries:
             runtime = self.runtimes[entry.name]
@@ -131,6 +134,7 @@ class ServingState:
         runtime serves the entry at the time, since a new version may swap it."""
         settings = self.settings
         concurrency = self._concurrency(entry)
+        self._decoder(self.pool_of(entry))
         batcher = self.batchers.add(
             run_batch,
             model=entry.name,
@@ -172,28 +176,64 @@ class ServingState:
             self.inference_pools[key] = ThreadPoolExecutor(concurrency, thread_name_prefix=f"infer-{key}")
         return self.inference_pools[key]
 
+    def _decoder(self, pool: str) -> ThreadPoolExecutor:
+        """Decode threads of one pool: huge windowed-route images never hold the global route's threads."""
+        if pool not in self.decode_pools:
+            self.decode_pools[pool] = ThreadPoolExecutor(
+                self.settings.decoders(), thread_name_prefix=f"decode-{pool}"
+            )
+        return self.decode_pools[pool]
+
+    async def decode(self, pool: str, work: Callable[..., T], *args: object) -> T:
+        """Run `work(*args)` on `pool`'s decode threads, counted in vitserve_decoding{pool}."""
+        gauge = self.metrics.decoding.labels(pool)
+        gauge.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder(pool), work, *args)
+        finally:
+            gauge.dec()
+
     def pool_of(self, entry: ModelEntry) -> str:
         """`global` for global-attention backbones, `windowed` for every other attention kind."""
         if self.router is not None and entry.backbone in self.router.pools:
             return self.router.pools[entry.backbone]
         return "global" if entry.attention == GLOBAL_ATTENTION else "windowed"
 
-    async def stop(self) -> None:
-        """Stop taking work, finish what is queued and running, release the threads."""
+    async def drain(self) -> None:
+        """Stop taking work and finish what is queued and running within `drain_timeout_s`.
+
+        When the timeout runs out every request still unanswered is answered 503 at once (running
+        batches keep their threads, their results are dropped) and `drain_timed_out` is set, which
+        makes the process exit with `service.server.DRAIN_TIMED_OUT`. Safe to call more than once.
+        """
         self.ready = False
         self.draining = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_once())
+        await self._drain_task
+
+    async def _drain_once(self) -> None:
         if self.lifecycle is not None:
             await self.lifecycle.stop_polling()
-        if self.batchers is not None:
-            try:
-                await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        if self.batchers is None:
+            return
+        try:
+            await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
+        except TimeoutError:
+            self.drain_timed_out = True
+            log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+            self.batchers.abort(
+                f"the server is shutting down and its {self.settings.drain_timeout_s} s drain ran out "
+                "before this request finished; retry on another replica"
+            )
+
+    async def stop(self) -> None:
+        """Drain, then release the endpoints and the threads."""
+        await self.drain()
         if self.endpoints is not None:
             self.endpoints.close()
-        for executor in (self.cpu_pool, *self.inference_pools.values()):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (*self.decode_pools.values(), *self.inference_pools.values()):
+            executor.shutdown(wait=False, cancel_futures=True)
         for entry in self.entries.values():
             self.metrics.model_ready.labels(entry.name).set(0)
 
