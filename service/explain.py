@@ -1,7 +1,7 @@
 """Heat maps of where a served model looked, computed by ONNX Runtime from the entry's own artifact.
 
 Why ONNX Runtime and not a PyTorch copy: the ONNX artifact is what serves (the tests explain fp32
-entries; int8/fp16 ones keep their Attention nodes but are untested here), and the exporter's optimizer renames, transposes, merges and constant-folds
+entries; an int8 entry, whose Attention nodes stay float, explains too; fp16 is untested), and the exporter's optimizer renames, transposes, merges and constant-folds
 parameters (Swin's relative position tables are folded into the attention bias), so the weights
 cannot be read back by name. The graph itself can tell what it attends to: opset 23's fused
 `Attention` node returns its softmax probabilities as optional output 3 when
