@@ -87,7 +87,7 @@ async def explain(
     width, height = decoded.original_size
     recipe = entry.config
     mode = served_mode(route.resize_mode, recipe.resize)
-    geometry = resize_geometry(width, height, route.bucket, mode, recipe.crop_pct)
+    geometry = resize_geometry(width, height, route.shape, mode, recipe.crop_pct)
     content_width, content_height = geometry.content_size
     submitted = time.perf_counter()
     try:

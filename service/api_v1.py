@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 
 from export.repository import ModelEntry
+from export.shapes import shape_name
 from service.accounting import request_record
 from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
 from service.dependencies import deadline, get_state, ready_state, unless_disconnected
@@ -37,17 +38,27 @@ Pool = Literal["global", "windowed"]
 
 @dataclass(frozen=True)
 class RouteOverrides:
-    """What a request forces instead of the automatic routing decision."""
+    """What a request asks of the routing decision: forced model/pool/bucket, its latency budget, full detail."""
 
     model: str | None = None
     pool: Pool | None = None
     bucket: int | None = None
+    budget_ms: float | None = None
+    full_detail: bool = False
 
     def route(self, state: ServingState, height: int, width: int) -> Route:
         model = self.model
         if self.pool is not None and model is None:
             model = {pool: backbone for backbone, pool in state.router.pools.items()}[self.pool]
-        return state.router.route(height, width, override_model=model, override_bucket=self.bucket)
+        return state.router.route(
+            height,
+            width,
+            override_model=model,
+            override_bucket=self.bucket,
+            budget_ms=self.budget_ms,
+            full_detail=self.full_detail,
+            waits=state.pool_waits(),
+        )
 
 
 def route_overrides(
@@ -55,9 +66,23 @@ def route_overrides(
     pool: Annotated[
         Pool | None, Query(alias="route", description="Force the global or windowed pool.")
     ] = None,
-    bucket: Annotated[int | None, Query(gt=0, description="Force this resolution bucket.")] = None,
+    bucket: Annotated[int | None, Query(gt=0, description="Force this square resolution bucket.")] = None,
+    detail: Annotated[
+        Literal["auto", "full"],
+        Query(description="full: the most detail whatever the budget and the queues (no degradation)."),
+    ] = "auto",
+    timeout_ms: Annotated[
+        float | None, Query(gt=0, description="Per-request deadline and latency budget in ms.")
+    ] = None,
+    budget_ms: Annotated[
+        float | None, Query(gt=0, description="Latency budget in ms (GET /v1/route; default timeout_ms).")
+    ] = None,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0)] = None,
 ) -> RouteOverrides:
-    return RouteOverrides(model, pool, bucket)
+    """The budget is budget_ms, else timeout_ms, else X-Request-Timeout-Ms, else settings.target_latency_ms."""
+    return RouteOverrides(
+        model, pool, bucket, budget_ms or timeout_ms or x_request_timeout_ms, detail == "full"
+    )
 
 
 Overrides = Annotated[RouteOverrides, Depends(route_overrides)]
@@ -74,17 +99,9 @@ class RoutedImage:
 
 
 def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
-    return RouteInfo(
-        model=route.model,
-        entry=entry.name,
-        pool=route.pool,
-        bucket=route.bucket,
-        tokens=route.tokens,
-        image_tokens=route.image_tokens,
-        scale=route.scale,
-        resized=route.resized,
-        resize_mode=served_mode(route.resize_mode, entry.config.resize),
-        reason=route.reason,
+    """The route as the API reports it, with the resize mode the entry is actually served with."""
+    return RouteInfo.model_validate(
+        {**route.to_dict(), "resize_mode": served_mode(route.resize_mode, entry.config.resize)}
     )
 
 
@@ -97,13 +114,15 @@ def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Sett
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=decode_side(route.bucket, mode, recipe.crop_pct),
+        target_side=decode_side(
+            route.target_side if mode == route.resize_mode else max(route.shape), mode, recipe.crop_pct
+        ),
         mode=mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
         decoded.pixels,
-        route.bucket,
+        route.shape,
         entry.mean,
         entry.std,
         mode,
@@ -141,10 +160,12 @@ async def read_and_route(
     data = await _image_bytes(request, state, request_deadline)
     header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
     route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.model, route.bucket)
+    entry = state.entry_for(route.entry)
     record = request_record(request)
     record.route, record.model = route.pool, route.model
-    state.metrics.route_decisions.labels(route.pool, str(route.bucket)).inc()
+    state.metrics.route_decisions.labels(route.pool, shape_name(route.shape)).inc()
+    if route.degraded:
+        state.metrics.route_degraded.labels(route.pool).inc()
     return header, route, entry
 
 
@@ -231,7 +252,7 @@ async def embed(
     return EmbedResponse(
         embedding=vector.tolist(),
         dim=int(vector.size),
-        route=_route_info(routed.route, routed.entry),
+        route=_route_info(routed.route),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
@@ -245,22 +266,17 @@ async def explain_route(
     height: Annotated[int, Query(gt=0, le=1_000_000)],
     overrides: Overrides,
 ) -> RouteResponse:
-    """The routing decision for an image size and the cost estimates behind it; runs no model."""
+    """The routing decision for an image size under the live queues, and every candidate behind it; runs no model."""
     route = overrides.route(state, height, width)
     record = request_record(request)
     record.route, record.model = route.pool, route.model
-    info = _route_info(route, state.entry_for(route.model, route.bucket))
-    return RouteResponse(
-        **info.model_dump(),
-        width=width,
-        height=height,
-        candidates=list(route.candidates),
-    )
+    info = _route_info(route, state.entry_for(route.entry))
+    return RouteResponse(**info.model_dump(), width=width, height=height)
 
 
 @router.get("/models", response_model=ModelsResponse)
 async def list_served_models(state: Annotated[ServingState, Depends(get_state)]) -> ModelsResponse:
-    """Served entries with their bucket, runtime and readiness."""
+    """Served entries with their shape, measured batch limit, runtime and readiness."""
     models = [
         ModelInfo(
             name=e.name,
@@ -268,15 +284,20 @@ async def list_served_models(state: Annotated[ServingState, Depends(get_state)])
             arch=e.arch,
             pool=state.pool_of(e),
             bucket=e.bucket,
+            shape=e.shape,
             tokens=e.tokens,
             attention=list(e.attention),
             precision=e.precision,
             platform=e.platform,
             runtime=state.runtimes[e.name].describe() if e.name in state.runtimes else "loading",
-            max_batch_size=e.max_batch_size,
+            max_batch_size=state.batch_limit(e),
+            cost_source=state.costs[e.name].source if e.name in state.costs else "estimated from FLOPs",
+            batch_seconds={str(b): s for b, s in sorted(state.costs[e.name].seconds.items())}
+            if e.name in state.costs
+            else {},
             ready=state.ready and e.name in state.runtimes,
         )
         for e in state.entries.values()
     ]
-    backbones = {b: sorted(buckets) for b, buckets in state.backbones.items()}
+    backbones = {b: [shape_name(s) for s in shapes] for b, shapes in state.backbones.items()}
     return ModelsResponse(ready=state.ready, models=models, backbones=backbones)

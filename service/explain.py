@@ -110,7 +110,7 @@ def _pooled_tokens(graph: onnx.GraphProto, output: str) -> str | None:
 
 def heat_map(
     config: BackboneConfig,
-    bucket: int,
+    size: tuple[int, int],
     content: tuple[int, int],
     attention: list[np.ndarray],
     tokens: np.ndarray | None,
@@ -118,7 +118,7 @@ def heat_map(
 ) -> HeatMap:
     """The heat map of one image from its probes' values (batch of one), by the module's methods.
 
-    `content` is the (height, width) in input pixels that holds the image; cells wholly in the
+    `size` is the (height, width) of the model input; `content` is the (height, width) in input pixels that holds the image; cells wholly in the
     padding are zeroed and the map renormalized over the image. Padding is not part of the image,
     yet it draws relevance: its constant tokens resemble the pooled embedding, which averages them in.
     """
@@ -128,9 +128,9 @@ def heat_map(
             raise NotExplainable(
                 "the graph does not pool its final tokens with ReduceMean; cannot seed Swin relevance"
             )
-        values, method = _windowed(config, bucket, probabilities, tokens[0], embedding[0])
+        values, method = _windowed(config, size, probabilities, tokens[0], embedding[0])
     else:
-        values, method = _global(config, bucket, probabilities)
+        values, method = _global(config, size, probabilities)
     cell = config.patch_size
     rows, cols = (-(-side // cell) for side in content)
     values[rows:, :] = 0.0
@@ -139,24 +139,30 @@ def heat_map(
     return HeatMap(values / total if total > 0 else values, method, cell)
 
 
-def _global(config: ViTConfig, bucket: int, probabilities: list[np.ndarray]) -> tuple[np.ndarray, str]:
-    side = -(-bucket // config.patch_size)
+def _global(
+    config: ViTConfig, size: tuple[int, int], probabilities: list[np.ndarray]
+) -> tuple[np.ndarray, str]:
+    rows, cols = (-(-side // config.patch_size) for side in size)
     prefix = 1 if config.class_token else 0
-    tokens = prefix + side * side
+    tokens = prefix + rows * cols
     relevance = np.zeros(tokens)
     if config.global_pool == "token":
         relevance[0] = 1.0
     else:
-        relevance[prefix:] = 1.0 / (side * side)
+        relevance[prefix:] = 1.0 / (rows * cols)
     for layer in reversed(probabilities):
         relevance = 0.5 * relevance + 0.5 * relevance @ layer[0]
-    return relevance[prefix:].reshape(side, side), "attention_rollout"
+    return relevance[prefix:].reshape(rows, cols), "attention_rollout"
 
 
 def _windowed(
-    config: SwinConfig, bucket: int, probabilities: list[np.ndarray], tokens: np.ndarray, pooled: np.ndarray
+    config: SwinConfig,
+    size: tuple[int, int],
+    probabilities: list[np.ndarray],
+    tokens: np.ndarray,
+    pooled: np.ndarray,
 ) -> tuple[np.ndarray, str]:
-    grids = [(-(-bucket // config.patch_size),) * 2]
+    grids = [tuple(-(-side // config.patch_size) for side in size)]
     for _ in config.depths[1:]:
         grids.append(tuple(-(-side // 2) for side in grids[-1]))
     similarity = tokens @ pooled / (np.linalg.norm(tokens, axis=1) * np.linalg.norm(pooled) + 1e-12)

@@ -73,7 +73,7 @@ class EntryExplainer:
         attention = outputs[2 : 2 + layers]
         tokens = outputs[2 + layers] if self.probes.tokens else None
         return Explanation(
-            logits[0], heat_map(self.entry.config, self.entry.bucket, content, attention, tokens, embedding)
+            logits[0], heat_map(self.entry.config, pixels.shape[1:], content, attention, tokens, embedding)
         )
 
 

@@ -213,6 +213,7 @@ class ModelLifecycle:
                     f"smoke inference gave {role} of shape {value.shape}"
                     f"{'' if np.isfinite(value).all() else ' with non-finite values'}, expected (1, {width})"
                 )
+        self.state.calibrate(entry, runtime)
         return runtime
 
     def _refuse(self, name: str, disk: DiskVersion, exc: Exception) -> APIError:

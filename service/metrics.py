@@ -98,6 +98,11 @@ class Metrics:
         self.route_decisions = counter(
             "route_decisions_total", "Routing decisions taken by the router.", ("route", "bucket")
         )
+        self.route_degraded = counter(
+            "route_degraded_total",
+            "Requests served at less detail than their budget allowed on idle queues, because of load.",
+            ("pool",),
+        )
         self.queue_depth = gauge(
             "queue_depth", "Requests waiting for their batch to start.", ("pool", "model")
         )

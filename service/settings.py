@@ -25,13 +25,36 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free port).")
     grpc_port: int = Field(
-        8001, ge=0, le=65535, description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off."
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off.",
     )
     role: Literal["gateway", "pool"] = Field(
         "gateway", description="gateway: full API; pool: v2 tensors only."
     )
     routing: Path | None = Field(
         None, description="Routing/buckets YAML; defaults derive from the repository."
+    )
+    routing_policy: Literal["cost", "square"] = Field(
+        "cost",
+        description="cost: most detail within the latency budget by calibrated cost and live queues; "
+        "square: the former square-bucket policy (benchmark baseline).",
+    )
+    target_latency_ms: float = Field(
+        1000.0, gt=0, description="Latency budget of requests without timeout_ms / X-Request-Timeout-Ms."
+    )
+    calibration: Path | None = Field(
+        None,
+        description="YAML {entry: {batch: seconds}} used instead of measuring those entries at start-up.",
+    )
+    calibration_out: Path | None = Field(
+        None, description="Write the costs used at start-up to this YAML file."
+    )
+    calibration_max_run_s: float = Field(
+        0.25,
+        gt=0,
+        description="Start-up calibration stops doubling an entry's batch once one run takes this long.",
     )
     runtime: RuntimeKind = Field("onnxruntime", description="Default runtime.")
     runtimes: str = Field(
@@ -76,6 +99,12 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False,
         description="Let ONNX Runtime's threads spin between batches (faster alone, slower beside decoding).",
+    )
+    ort_share_weights: bool = Field(
+        True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
+    )
+    ort_cpu_arena: bool = Field(
+        False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
     )
     max_remote_batches: int = Field(
         64,

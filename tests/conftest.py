@@ -33,7 +33,7 @@ def digits_swin(digits_data: DigitsData) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def photo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shallow global ViT (buckets 224, 384) and windowed Swin (448, 896), exported once per session."""
+    """A shallow global ViT (shapes 192x256, 224, 384) and windowed Swin (448, 896), exported once per session."""
     return build_photo_repository(tmp_path_factory.mktemp("photo_repository"))
 
 

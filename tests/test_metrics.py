@@ -17,6 +17,7 @@ DESIGNED = {
     "vitserve_batch_size": ("histogram", {"model"}),
     "vitserve_requests": ("counter", {"endpoint", "route", "model", "status"}),
     "vitserve_route_decisions": ("counter", {"route", "bucket"}),
+    "vitserve_route_degraded": ("counter", {"pool"}),
     "vitserve_queue_depth": ("gauge", {"pool", "model"}),
     "vitserve_pending_tokens": ("gauge", {"pool"}),
     "vitserve_queue_bytes": ("gauge", {"pool"}),
