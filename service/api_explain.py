@@ -21,7 +21,7 @@ from service.dependencies import deadline, ready_state
 from service.errors import APIError
 from service.explain import HeatMap, NotExplainable
 from service.explainer import Explainers
-from service.preprocess import resize_geometry
+from service.preprocess import ResizeGeometry, resize_geometry, served_mode
 from service.schemas import ErrorBody, Prediction, RouteInfo, Timings
 from service.state import ServingState
 
@@ -49,13 +49,14 @@ class ExplainResponse(BaseModel):
     timings: Timings
 
 
-def _heat_map_info(heat: HeatMap, width: int, height: int, bucket: tuple[int, int], mode: str) -> HeatMapInfo:
-    """The heat map with its grid mapped back onto the original image through the resize geometry."""
-    geometry = resize_geometry(width, height, bucket, mode)
-    left, top = geometry.source_box[:2]
+def _heat_map_info(heat: HeatMap, geometry: ResizeGeometry, width: int, height: int) -> HeatMapInfo:
+    """The heat map with its grid mapped back onto the original image through the resize geometry:
+    per axis, source pixels per input pixel are the source box over the content it became."""
+    left, top, right, bottom = geometry.source_box
+    content_width, content_height = geometry.content_size
     rows, cols = heat.values.shape
-    span_x = cols * heat.cell_pixels / geometry.scale
-    span_y = rows * heat.cell_pixels / geometry.scale
+    span_x = cols * heat.cell_pixels * (right - left) / content_width
+    span_y = rows * heat.cell_pixels * (bottom - top) / content_height
     return HeatMapInfo(
         method=heat.method,
         grid=(rows, cols),
@@ -83,19 +84,23 @@ async def explain(
     started = time.perf_counter()
     header, route, entry = await read_and_route(request, state, overrides, request_deadline)
     decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
+    width, height = decoded.original_size
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
+    geometry = resize_geometry(width, height, route.shape, mode, recipe.crop_pct)
+    content_width, content_height = geometry.content_size
     submitted = time.perf_counter()
     try:
-        result = await explainers.explain(entry, pixels, request_deadline)
+        result = await explainers.explain(entry, pixels, (content_height, content_width), request_deadline)
     except NotExplainable as exc:
         raise APIError(501, "not_explainable", f"{exc}; /v1/classify still serves it") from exc
     finished = time.perf_counter()
     timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
     timings["total_ms"] = (finished - started) * 1e3
-    width, height = decoded.original_size
     return ExplainResponse(
         predictions=top_predictions(result.logits, entry.labels, top_k or state.settings.top_k),
         route=_route_info(route, entry),
         image=_image_info(decoded),
-        heatmap=_heat_map_info(result.heat_map, width, height, route.shape, route.resize_mode),
+        heatmap=_heat_map_info(result.heat_map, geometry, width, height),
         timings=Timings(**timings),
     )

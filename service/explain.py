@@ -1,7 +1,7 @@
 """Heat maps of where a served model looked, computed by ONNX Runtime from the entry's own artifact.
 
-Why ONNX Runtime and not a PyTorch copy: the ONNX artifact is what serves, in whatever precision
-it was exported, and the exporter's optimizer renames, transposes, merges and constant-folds
+Why ONNX Runtime and not a PyTorch copy: the ONNX artifact is what serves (the tests explain fp32
+entries; an int8 entry, whose Attention nodes stay float, explains too; fp16 is untested), and the exporter's optimizer renames, transposes, merges and constant-folds
 parameters (Swin's relative position tables are folded into the attention bias), so the weights
 cannot be read back by name. The graph itself can tell what it attends to: opset 23's fused
 `Attention` node returns its softmax probabilities as optional output 3 when
@@ -9,7 +9,8 @@ cannot be read back by name. The graph itself can tell what it attends to: opset
 `instrument` exposes those tensors (and, for windowed backbones, the final tokens) as extra graph
 outputs; a second session on that graph answers /v1/explain while the serving session stays as it is.
 
-Methods (the heat map is a grid over the model input; it sums to 1):
+Methods (the heat map is a grid over the model input; it sums to 1 over the cells that hold the
+image, padding cells are 0):
 - Global attention (ViT; NAT/DiNAT, whose masks keep the full token set): attention rollout
   (Abnar & Zuidema, 2020). Layer l mixes tokens by M_l = (A_l + I) / 2, A_l its head-averaged
   probabilities and I the residual path; the relevance of the input tokens to the pooled output
@@ -109,40 +110,59 @@ def _pooled_tokens(graph: onnx.GraphProto, output: str) -> str | None:
 
 def heat_map(
     config: BackboneConfig,
-    bucket: int,
+    size: tuple[int, int],
+    content: tuple[int, int],
     attention: list[np.ndarray],
     tokens: np.ndarray | None,
     embedding: np.ndarray,
 ) -> HeatMap:
-    """The heat map of one image from its probes' values (batch of one), by the module's methods."""
+    """The heat map of one image from its probes' values (batch of one), by the module's methods.
+
+    `size` is the (height, width) of the model input; `content` is the (height, width) in input pixels that holds the image; cells wholly in the
+    padding are zeroed and the map renormalized over the image. Padding is not part of the image,
+    yet it draws relevance: its constant tokens resemble the pooled embedding, which averages them in.
+    """
     probabilities = [np.asarray(a, dtype=np.float64).mean(axis=1) for a in attention]
     if isinstance(config, SwinConfig):
         if tokens is None:
             raise NotExplainable(
                 "the graph does not pool its final tokens with ReduceMean; cannot seed Swin relevance"
             )
-        return _windowed(config, bucket, probabilities, tokens[0], embedding[0])
-    return _global(config, bucket, probabilities)
+        values, method = _windowed(config, size, probabilities, tokens[0], embedding[0])
+    else:
+        values, method = _global(config, size, probabilities)
+    cell = config.patch_size
+    rows, cols = (-(-side // cell) for side in content)
+    values[rows:, :] = 0.0
+    values[:, cols:] = 0.0
+    total = values.sum()
+    return HeatMap(values / total if total > 0 else values, method, cell)
 
 
-def _global(config: ViTConfig, bucket: int, probabilities: list[np.ndarray]) -> HeatMap:
-    side = -(-bucket // config.patch_size)
+def _global(
+    config: ViTConfig, size: tuple[int, int], probabilities: list[np.ndarray]
+) -> tuple[np.ndarray, str]:
+    rows, cols = (-(-side // config.patch_size) for side in size)
     prefix = 1 if config.class_token else 0
-    tokens = prefix + side * side
+    tokens = prefix + rows * cols
     relevance = np.zeros(tokens)
     if config.global_pool == "token":
         relevance[0] = 1.0
     else:
-        relevance[prefix:] = 1.0 / (side * side)
+        relevance[prefix:] = 1.0 / (rows * cols)
     for layer in reversed(probabilities):
         relevance = 0.5 * relevance + 0.5 * relevance @ layer[0]
-    return _normalized(relevance[prefix:].reshape(side, side), "attention_rollout", config.patch_size)
+    return relevance[prefix:].reshape(rows, cols), "attention_rollout"
 
 
 def _windowed(
-    config: SwinConfig, bucket: int, probabilities: list[np.ndarray], tokens: np.ndarray, pooled: np.ndarray
-) -> HeatMap:
-    grids = [(-(-bucket // config.patch_size),) * 2]
+    config: SwinConfig,
+    size: tuple[int, int],
+    probabilities: list[np.ndarray],
+    tokens: np.ndarray,
+    pooled: np.ndarray,
+) -> tuple[np.ndarray, str]:
+    grids = [tuple(-(-side // config.patch_size) for side in size)]
     for _ in config.depths[1:]:
         grids.append(tuple(-(-side // 2) for side in grids[-1]))
     similarity = tokens @ pooled / (np.linalg.norm(tokens, axis=1) * np.linalg.norm(pooled) + 1e-12)
@@ -155,7 +175,7 @@ def _windowed(
         if stage:
             rows, cols = grids[stage - 1]
             relevance = np.repeat(np.repeat(relevance / 4, 2, axis=0), 2, axis=1)[:rows, :cols]
-    return _normalized(relevance, "window_rollout_from_token_similarity", config.patch_size)
+    return relevance, "window_rollout_from_token_similarity"
 
 
 def _window_step(relevance: np.ndarray, layer: np.ndarray, size: int, shift: int) -> np.ndarray:
@@ -171,8 +191,3 @@ def _window_step(relevance: np.ndarray, layer: np.ndarray, size: int, shift: int
     back = mixed.reshape(prows // size, pcols // size, size, size).transpose(0, 2, 1, 3)
     back = np.roll(back.reshape(prows, pcols), (shift, shift), axis=(0, 1))
     return back[:rows, :cols]
-
-
-def _normalized(values: np.ndarray, method: str, cell_pixels: int) -> HeatMap:
-    total = values.sum()
-    return HeatMap(values / total if total > 0 else values, method, cell_pixels)

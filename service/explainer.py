@@ -64,15 +64,16 @@ class EntryExplainer:
         tokens = (self.probes.tokens,) if self.probes.tokens else ()
         self._outputs = [entry.logits_name, entry.embedding_name, *self.probes.attention, *tokens]
 
-    def explain(self, pixels: np.ndarray) -> Explanation:
-        """Logits and heat map of one preprocessed image (3, H, W)."""
+    def explain(self, pixels: np.ndarray, content: tuple[int, int]) -> Explanation:
+        """Logits and heat map of one preprocessed image (3, H, W) whose image part (not padding)
+        is the top-left `content` (height, width) pixels."""
         outputs = self.session.run(self._outputs, {self.entry.input_name: pixels[None]})
         logits, embedding = outputs[0], outputs[1]
         layers = len(self.probes.attention)
         attention = outputs[2 : 2 + layers]
         tokens = outputs[2 + layers] if self.probes.tokens else None
         return Explanation(
-            logits[0], heat_map(self.entry.config, self.entry.bucket, attention, tokens, embedding)
+            logits[0], heat_map(self.entry.config, pixels.shape[1:], content, attention, tokens, embedding)
         )
 
 
@@ -86,7 +87,9 @@ class Explainers:
         self._sessions: OrderedDict[Path, EntryExplainer] = OrderedDict()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="explain")
 
-    async def explain(self, entry: ModelEntry, pixels: np.ndarray, deadline: float) -> Explanation:
+    async def explain(
+        self, entry: ModelEntry, pixels: np.ndarray, content: tuple[int, int], deadline: float
+    ) -> Explanation:
         """Explain on the explain thread; QueueFull when `max_queue` already wait, DeadlineExceeded
         when the deadline passes before the work starts, NotExplainable for unsupported entries."""
         if self._waiting >= self._max_queue:
@@ -94,16 +97,18 @@ class Explainers:
         self._waiting += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run, entry, pixels, deadline)
+            return await loop.run_in_executor(self._executor, self._run, entry, pixels, content, deadline)
         finally:
             self._waiting -= 1
 
-    def _run(self, entry: ModelEntry, pixels: np.ndarray, deadline: float) -> Explanation:
+    def _run(
+        self, entry: ModelEntry, pixels: np.ndarray, content: tuple[int, int], deadline: float
+    ) -> Explanation:
         if time.monotonic() > deadline:
             raise DeadlineExceeded(
                 "the request deadline passed while waiting to be explained; it was not computed"
             )
-        return self._explainer(entry).explain(pixels)
+        return self._explainer(entry).explain(pixels, content)
 
     def _explainer(self, entry: ModelEntry) -> EntryExplainer:
         """The cached explainer of `entry` (only the explain thread calls this, so no lock)."""

@@ -113,10 +113,10 @@ function render(answer, candidates) {
   renderTimings(answer.timings, answer.roundTripMs);
   $("heatmap-method").textContent = `· ${answer.heatmap.method.replaceAll("_", " ")}`;
   const flat = answer.heatmap.values.flat();
-  const peak = Math.max(...flat) * flat.length;
+  const peak = largest(flat) * flat.length;
   $("heatmap-note").textContent =
     `${answer.heatmap.grid[0]} × ${answer.heatmap.grid[1]} cells of ${answer.heatmap.cell_pixels} px at the model input; ` +
-    `colours span min to max, the peak cell holds ${peak.toFixed(2)}× the mean (1× is a flat map)`;
+    `colours span the 2nd to 98th percentile, the peak cell holds ${peak.toFixed(2)}× the mean (1× is a flat map)`;
   if ($("photo").complete && $("photo").naturalWidth) drawHeatMap();
 }
 
@@ -209,8 +209,20 @@ function renderTimings(timings, roundTrip) {
   describe($("timings"), [...parts.map(([key, label, ms]) => [label, `${ms.toFixed(1)} ms`, key]), ["server total", `${timings.total_ms.toFixed(1)} ms`]]);
 }
 
-// A perceptual ramp (dark blue → teal → yellow → red) from the map's minimum to its maximum; alpha
-// grows with relevance so the photo stays visible where the model did not look.
+// Spreading a 336 x 336 map into Math.max would pass the engine's argument limit.
+function largest(values) {
+  return values.reduce((a, b) => Math.max(a, b), -Infinity);
+}
+
+// The colour scale spans the 2nd to the 98th percentile of the image's cells (padding cells are 0
+// and stay transparent), so one outlying cell of a large grid does not wash out the rest.
+function percentiles(values, ...fractions) {
+  const sorted = [...values].sort((a, b) => a - b);
+  return fractions.map((f) => sorted[Math.min(sorted.length - 1, Math.floor(f * sorted.length))]);
+}
+
+// A perceptual ramp (dark blue → teal → yellow → red); alpha grows with relevance so the photo
+// stays visible where the model did not look.
 const RAMP = [[48, 18, 120], [33, 145, 140], [253, 231, 37], [220, 40, 30]];
 function colour(t) {
   const x = Math.min(0.999, Math.max(0, t)) * (RAMP.length - 1);
@@ -233,9 +245,9 @@ function drawHeatMap() {
   const { values, grid, box } = answer.heatmap;
   const [rows, cols] = grid;
   const flat = values.flat();
-  const max = Math.max(...flat);
-  const min = Math.min(...flat);
-  const range = max - min || 1;
+  const [low, high] = percentiles(flat.filter((v) => v > 0), 0.02, 0.98);
+  const range = high - low || 1;
+  const max = largest(flat);
   const opacity = Number($("opacity").value) / 100;
   const cells = document.createElement("canvas");
   cells.width = cols;
@@ -243,9 +255,10 @@ function drawHeatMap() {
   const cellContext = cells.getContext("2d");
   const image = cellContext.createImageData(cols, rows);
   flat.forEach((v, i) => {
-    const t = (v - min) / range;
+    const t = Math.min(1, Math.max(0, (v - low) / range));
     const [r, g, b] = colour(t);
-    image.data.set([r, g, b, Math.round(255 * opacity * (0.15 + 0.85 * t))], 4 * i);
+    const alpha = v > 0 ? Math.round(255 * opacity * (0.15 + 0.85 * t)) : 0;
+    image.data.set([r, g, b, alpha], 4 * i);
   });
   cellContext.putImageData(image, 0, 0);
   const context = canvas.getContext("2d");
