@@ -48,7 +48,7 @@ class RouteOverrides:
         return state.router.route(height, width, override_model=model, override_bucket=self.bucket)
 
 
-def route_overrides(
+async def route_overrides(
     model: Annotated[str | None, Query(description="Force this backbone (see /v1/models).")] = None,
     pool: Annotated[
         Pool | None, Query(alias="route", description="Force the global or windowed pool.")
