@@ -14,16 +14,25 @@ COPY export export
 COPY service service
 RUN pip install .
 
-# Export the default repository at build time so the image serves out of the box; mount a
-# volume at /models to serve your own checkpoints instead.
+# Export the default repositories at build time so the image serves out of the box; mount a
+# volume at /models to serve your own checkpoints instead. /models holds fp32 entries for the CPU
+# (vitserve's embedded ONNX Runtime); /models-gpu the same backbones and buckets in fp16 with their
+# Triton instances on the GPU, for the gpu overlay's Triton pools (and its gateway, which reads the
+# same configs). Precision and placement are separate flags: fp16 alone would still leave placement
+# to Triton.
 FROM base AS repository
 RUN vitserve export --model vit_tiny_patch16_224 --name vit_global --buckets 224,384 --repository /models \
     && vitserve export --model swin_tiny_patch4_window7_224 --name swin_windowed --buckets 448,672,896,1344 \
        --repository /models
+RUN vitserve export --model vit_tiny_patch16_224 --name vit_global --buckets 224,384 \
+       --precision fp16 --instance-kind gpu --repository /models-gpu \
+    && vitserve export --model swin_tiny_patch4_window7_224 --name swin_windowed --buckets 448,672,896,1344 \
+       --precision fp16 --instance-kind gpu --repository /models-gpu
 
 FROM base
 RUN useradd --create-home --uid 10001 vitserve
 COPY --from=repository --chown=vitserve /models /models
+COPY --from=repository --chown=vitserve /models-gpu /models-gpu
 USER vitserve
 ENV VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=8000 \

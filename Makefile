@@ -1,33 +1,62 @@
 # vitserve: every dependency the tests and the server need is installed from here.
-#   make serve   install, build the default model repository if missing, serve on $(HOST):$(PORT)
-#   make test    install, run the whole suite
+#   make serve   install what serving needs, export the first bucket of each backbone if missing, serve it
+#                (VITSERVE_HOST:VITSERVE_PORT) while the other buckets export in the background and load as they land
+#   make export  the whole default model repository
+#   make test    install with the test extras, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+# The checkout's own code, whichever checkout the virtualenv's editable install points at.
+VITSERVE := $(BIN)/python -m service.cli
 MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
-REPOSITORY ?= model_repository
+# The repository `make export` builds and `make serve` serves: REPOSITORY=..., else VITSERVE_REPOSITORY.
+REPOSITORY ?= $(or $(VITSERVE_REPOSITORY),model_repository)
 REPOSITORY_STAMP := $(REPOSITORY)/.default-complete
-HOST ?= 127.0.0.1
-PORT ?= 8000
+FIRST_STAMP := $(REPOSITORY)/.first-buckets-complete
+# Every other setting reaches vitserve as its VITSERVE_* variable (environment or `make serve VITSERVE_X=...`,
+# which make exports to the recipe). HOST, PORT and POLL_S become flags only when given on make's command
+# line, so a default here never overrides the environment.
+cli_flag = $(if $(filter command line,$(origin $(1))),--$(2) $($(1)))
+SERVE_FLAGS = $(call cli_flag,HOST,host) $(call cli_flag,PORT,port) $(call cli_flag,POLL_S,poll-s)
 # The default repository: a global-attention ViT for small inputs, a windowed Swin for large ones.
 GLOBAL_MODEL ?= vit_tiny_patch16_224
 GLOBAL_BUCKETS ?= 224,384
 WINDOWED_MODEL ?= swin_tiny_patch4_window7_224
 WINDOWED_BUCKETS ?= 448,672,896,1344
 PYTEST_ARGS ?=
+# While `make serve` exports the other buckets, the server scans the repository this often (unless
+# VITSERVE_POLL_S or POLL_S says otherwise) and loads each entry as it is published.
+LAZY_POLL_S ?= 2
+comma := ,
+bucket_list = $(subst $(comma), ,$(1))
+first_bucket = $(firstword $(call bucket_list,$(1)))
+other_buckets = $(subst $(eval) ,$(comma),$(wordlist 2,99,$(call bucket_list,$(1))))
+# Export both backbones at once (tracing is mostly one Python thread); fails if either fails, and a
+# backbone without buckets to export is skipped.
+export_one = $(if $(3),$(VITSERVE) export --model $(1) --name $(2) --buckets $(3) --repository $(REPOSITORY),true)
+export_both = $(call export_one,$(GLOBAL_MODEL),vit_global,$(1)) & g=$$!; \
+	$(call export_one,$(WINDOWED_MODEL),swin_windowed,$(2)) & w=$$!; \
+	wait $$g; gs=$$?; wait $$w; ws=$$?; [ $$gs -eq 0 ] && [ $$ws -eq 0 ]
+OTHER_EXPORTS = $(call export_both,$(call other_buckets,$(GLOBAL_BUCKETS)),$(call other_buckets,$(WINDOWED_BUCKETS)))
 
 .PHONY: install test lint serve export bench clean mlserver-env tools
 
+# Serving needs no test or benchmark extras; skipping byte-compilation at install saves more than
+# compiling on first import costs (only imported modules are compiled).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/pip install --quiet --no-compile -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(DEV_STAMP)
+
+install: $(DEV_STAMP)
 
 # MLServer pins an older FastAPI, so the independent KServe v2 server used by the tests lives in its own venv.
 $(MLSERVER_STAMP):
@@ -43,26 +72,33 @@ tools:
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 
-$(REPOSITORY_STAMP): | $(STAMP)
-	$(BIN)/vitserve export --model $(GLOBAL_MODEL) --name vit_global --buckets $(GLOBAL_BUCKETS) --repository $(REPOSITORY)
-	$(BIN)/vitserve export --model $(WINDOWED_MODEL) --name swin_windowed --buckets $(WINDOWED_BUCKETS) --repository $(REPOSITORY)
+$(FIRST_STAMP): | $(STAMP)
+	$(call export_both,$(call first_bucket,$(GLOBAL_BUCKETS)),$(call first_bucket,$(WINDOWED_BUCKETS)))
+	touch $(FIRST_STAMP)
+
+$(REPOSITORY_STAMP): $(FIRST_STAMP)
+	$(OTHER_EXPORTS)
 	touch $(REPOSITORY_STAMP)
 
 export: $(REPOSITORY_STAMP)
 
-serve: $(STAMP) $(REPOSITORY_STAMP)
-	$(BIN)/vitserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+# The first request needs one bucket per backbone; the rest export beside the running server.
+serve: $(STAMP) $(FIRST_STAMP)
+	@test -e $(REPOSITORY_STAMP) || { echo "exporting the other buckets in the background (log: $(REPOSITORY)/.export.log)"; \
+		{ { $(OTHER_EXPORTS); } && touch $(REPOSITORY_STAMP); } > $(REPOSITORY)/.export.log 2>&1 & }
+	VITSERVE_POLL_S=$${VITSERVE_POLL_S:-$(if $(wildcard $(REPOSITORY_STAMP)),0,$(LAZY_POLL_S))} \
+		$(VITSERVE) serve --repository $(REPOSITORY) $(SERVE_FLAGS)
 
-test: $(STAMP) $(MLSERVER_STAMP) tools
+test: $(DEV_STAMP) $(MLSERVER_STAMP) tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.attention
 	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; }
 	$(BIN)/python -m bench.serving
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check models export service tests bench
 	$(BIN)/ruff format --check models export service tests bench
 

@@ -94,7 +94,7 @@ def _latency_rows(
             if "torch_eager" in runtimes:
                 cells[(model, "torch_eager", side)] = (torch_runner(eager, random_batch(1, side)), side)
     runners = {key: runner for key, (runner, _) in cells.items()}
-    timings = time_cells(runners, plan, log=lambda m: print(m, file=sys.stderr))
+    timings = time_cells(runners, plan)
     rows = []
     for (model, runtime, side), (_, size) in cells.items():
         timing = timings[(model, runtime, side)]

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             runners.update(model_runners)
         order = {name: i for i, name in enumerate(RUNTIMES)}
         cells = dict(sorted(runners.items(), key=lambda kv: (kv[0][0], kv[0][2], order[kv[0][1]])))
-        timings = time_cells(cells, plan, log=lambda m: print(m, file=sys.stderr))
+        timings = time_cells(cells, plan)
         rows = _rows(timings, artifacts, args.size)
     settings = {
         "models": args.models,

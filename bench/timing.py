@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.machine import cores
 from bench.results import RESULTS_DIR
+from export.progress import Progress
 
 Runner = Callable[[], object]
 STATISTIC = (
@@ -97,10 +98,12 @@ def _call_until(runner: Runner, seconds: float, min_calls: int) -> list[float]:
     return samples
 
 
-def time_cells(
-    cells: Mapping[Hashable, Runner], plan: TimingPlan, log: Callable[[str], None] = print
-) -> dict[Hashable, Timing]:
-    """Time every runner in `cells` under `plan`, visiting the cells in turn each round."""
+def time_cells(cells: Mapping[Hashable, Runner], plan: TimingPlan) -> dict[Hashable, Timing]:
+    """Time every runner in `cells` under `plan`, visiting the cells in turn each round.
+
+    Each timed cell is a progress step (see export.progress: on a terminal, not under CI).
+    """
+    progress = Progress(plan.rounds * len(cells))
     for runner in cells.values():
         for _ in range(plan.first_warmup_calls):
             runner()
@@ -112,7 +115,9 @@ def time_cells(
             samples = _call_until(runner, plan.seconds / plan.rounds, plan.min_calls)
             timings[key].samples.extend(samples)
             timings[key].round_medians.append(statistics.median(samples))
-            log(f"  round {round_index + 1}/{plan.rounds} {key}: {statistics.median(samples) * 1e3:.2f} ms")
+            progress.step(
+                f"round {round_index + 1}/{plan.rounds} {key}: {statistics.median(samples) * 1e3:.2f} ms"
+            )
     return timings
 
 

@@ -18,9 +18,17 @@ from torch import nn
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.precision import PRECISIONS, convert_precision
+from export.progress import Progress
 from export.repository import ModelEntry, ensure_writable, publish, read_entry, remove_created, staging
 from export.torchscript_export import export_pt2, export_torchscript
-from export.triton_config import LABELS_FILENAME, MODEL_FILENAMES, EntrySpec, build_model_config, to_text
+from export.triton_config import (
+    INSTANCE_KINDS,
+    LABELS_FILENAME,
+    MODEL_FILENAMES,
+    EntrySpec,
+    build_model_config,
+    to_text,
+)
 from export.verify import verify_artifact
 from models import create_model, estimate_cost
 from models.config import BackboneConfig
@@ -44,6 +52,7 @@ class ExportRequest:
     checkpoint: Path | None = None
     artifact_format: str = "onnx"
     precision: str = "fp32"
+    instance_kind: str = "auto"
     name: str | None = None
     max_batch_size: int | None = None
     max_queue_delay_us: int = 2000
@@ -76,6 +85,10 @@ def _check_request(request: ExportRequest) -> None:
         raise ExportError(f"unknown format {request.artifact_format!r}; choose one of {', '.join(FORMATS)}")
     if request.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {request.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if request.instance_kind not in INSTANCE_KINDS:
+        raise ExportError(
+            f"unknown instance kind {request.instance_kind!r}; choose one of {', '.join(INSTANCE_KINDS)}"
+        )
     if request.artifact_format == "torchscript" and request.precision != "fp32":
         raise ExportError(
             "TorchScript exports are fp32; the PyTorch runtime applies fp16/bf16 autocast on GPU"
@@ -138,6 +151,23 @@ def _export_and_verify(model: nn.Module, request: ExportRequest, bucket: int, ve
     log(f"  onnx/{request.precision}: {report.summary()}")
 
 
+def entry_spec(request: ExportRequest, config: BackboneConfig, bucket: int) -> EntrySpec:
+    """What `request` writes into the config.pbtxt of its entry at `bucket`, known before any export runs."""
+    return EntrySpec(
+        name=f"{request.name or request.model}_{bucket}",
+        backbone=request.name or request.model,
+        arch=request.model,
+        config=config,
+        bucket=bucket,
+        artifact_format=request.artifact_format,
+        precision=request.precision,
+        max_batch_size=request.max_batch_size or default_max_batch(bucket),
+        max_queue_delay_us=request.max_queue_delay_us,
+        tokens=estimate_cost(config, bucket, bucket).tokens,
+        instance_kind=request.instance_kind,
+    )
+
+
 def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> list[ModelEntry]:
     """Export every bucket of `request`; returns the published entries. Raises ExportError, writing nothing."""
     _check_request(request)
@@ -148,6 +178,7 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
     created = ensure_writable(root)
     backbone = request.name or request.model
     staged: list[tuple[str, Path]] = []
+    progress = Progress(len(buckets))
     try:
         for bucket in buckets:
             entry = f"{backbone}_{bucket}"
@@ -157,20 +188,10 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
                 version_dir = stage / VERSION
                 version_dir.mkdir()
                 _write_artifacts(model, request, bucket, version_dir, log)
-                spec = EntrySpec(
-                    name=entry,
-                    backbone=backbone,
-                    arch=request.model,
-                    config=config,
-                    bucket=bucket,
-                    artifact_format=request.artifact_format,
-                    precision=request.precision,
-                    max_batch_size=request.max_batch_size or default_max_batch(bucket),
-                    max_queue_delay_us=request.max_queue_delay_us,
-                    tokens=estimate_cost(config, bucket, bucket).tokens,
-                )
+                spec = entry_spec(request, config, bucket)
                 (stage / "config.pbtxt").write_text(to_text(build_model_config(spec)))
                 (stage / LABELS_FILENAME).write_text("\n".join(config.label_names()) + "\n")
+            progress.step(f"exported and verified {entry}")
     except BaseException:
         for _, stage in staged:
             shutil.rmtree(stage, ignore_errors=True)

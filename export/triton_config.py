@@ -18,6 +18,13 @@ from models.config import BackboneConfig
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 MODEL_FILENAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 LABELS_FILENAME = "labels.txt"
+# Where Triton places an entry's instances, chosen at export and independent of precision: `auto` lets
+# Triton decide (a GPU when the server sees one, else the CPU), `gpu` refuses to load without one.
+INSTANCE_KINDS = {
+    "auto": mc.ModelInstanceGroup.KIND_AUTO,
+    "cpu": mc.ModelInstanceGroup.KIND_CPU,
+    "gpu": mc.ModelInstanceGroup.KIND_GPU,
+}
 
 
 def output_names(artifact_format: str) -> tuple[str, str]:
@@ -41,6 +48,7 @@ class EntrySpec:
     max_batch_size: int
     max_queue_delay_us: int
     tokens: int
+    instance_kind: str = "auto"
 
 
 def _float_list(values: tuple[float, ...]) -> str:
@@ -70,8 +78,7 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
     preferred = sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
     config.dynamic_batching.preferred_batch_size.extend(preferred)
-    kind = mc.ModelInstanceGroup.KIND_GPU if spec.precision == "fp16" else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=1, kind=kind)
+    config.instance_group.add(count=1, kind=INSTANCE_KINDS[spec.instance_kind])
     parameters = {
         "backbone": spec.backbone,
         "arch": spec.arch,

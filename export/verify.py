@@ -2,7 +2,10 @@
 
 Numerics: outputs on fresh random input, relative error ||a - b|| / ||b|| per output (fp32 <= 1e-4,
 fp16 <= 1e-2); int8 is judged by the mean per-sample cosine similarity of each output (>= 0.99),
-since quantization moves every value a little. The batch differs from the one the exporters trace
+since quantization moves every value a little. Before any of that, every output of the artifact and
+of the PyTorch reference must be finite: NaN compares false with every limit, so a NaN artifact
+would otherwise pass, and the error names the output, how many values are NaN or inf and the
+first (sample, index) where one sits. The batch differs from the one the exporters trace
 with, so a batch size baked into the graph fails here rather than in serving. Structure: the ONNX
 graph must hold exactly one fused attention node per softmax-attention layer and no Softmax (fused
 export), or one Softmax per layer (unfused export); a TorchScript graph must keep one
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +112,23 @@ def _mean_cosine(actual: np.ndarray, expected: np.ndarray) -> float:
     return float((dot / np.maximum(norms, 1e-12)).mean())
 
 
+def non_finite_problems(outputs: Mapping[str, np.ndarray], source: str) -> list[str]:
+    """One line per output holding NaN or inf: which output, how many of each, and where the first one is."""
+    problems = []
+    for name, values in outputs.items():
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            continue
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        samples = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum()) if bad.ndim else 1
+        problems.append(
+            f"{source} output {name!r} has {int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} "
+            f"inf of {values.size} values in {samples} of {values.shape[0] if values.ndim else 1} samples, "
+            f"first at index {first}"
+        )
+    return problems
+
+
 def fresh_input(model: nn.Module, bucket: int, batch: int = VERIFY_BATCH) -> np.ndarray:
     """Normalized-pixel-like random input from a fresh seed, so no export is checked on one lucky sample."""
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -124,21 +144,34 @@ def verify_artifact(
     with torch.no_grad():
         reference = model(torch.from_numpy(x))._asdict()
     actual = runners[artifact_format](path)(x)
+    reference_np = {name: value.numpy() for name, value in reference.items()}
+    non_finite = non_finite_problems(reference_np, "PyTorch reference") + non_finite_problems(
+        actual, f"{artifact_format}/{precision} artifact"
+    )
+    if non_finite:
+        raise VerificationError(
+            f"{artifact_format}/{precision} export at bucket {bucket} failed verification: "
+            + "; ".join(non_finite)
+            + ". Non-finite reference outputs come from the weights (check the checkpoint for NaN/inf); "
+            "non-finite artifact outputs only, from the export precision (try fp32)"
+        )
     report = VerificationReport(expected_attention_layers=softmax_attention_layers(model))
-    for name, expected in reference.items():
-        report.relative_error[name] = _relative_error(actual[name], expected.numpy())
-        report.cosine[name] = _mean_cosine(actual[name], expected.numpy())
+    for name, expected in reference_np.items():
+        report.relative_error[name] = _relative_error(actual[name], expected)
+        report.cosine[name] = _mean_cosine(actual[name], expected)
     problems = []
     if precision == "int8":
         problems += [
             f"int8 {k} cosine {v:.4f} < {INT8_MIN_COSINE}"
             for k, v in report.cosine.items()
-            if v < INT8_MIN_COSINE
+            if not v >= INT8_MIN_COSINE
         ]
     else:
         limit = REL_TOLERANCE[precision]
         problems += [
-            f"{k} relative error {v:.2e} > {limit:.0e}" for k, v in report.relative_error.items() if v > limit
+            f"{k} relative error {v:.2e} > {limit:.0e}"
+            for k, v in report.relative_error.items()
+            if not v <= limit
         ]
     problems += _structure_problems(path, artifact_format, fused, report)
     if problems:

@@ -43,13 +43,30 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, SwinConfig, ViTConfig
-from models.registry import build_model
+from models.layers.pos_embed import resize_relative_position_bias_table
+from models.preprocessing import from_hf_processor, from_timm_pretrained_cfg
+from models.registry import build_model, get_config
 
 CONFIG_METADATA_KEY = "vitserve_config"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # Values a checkpoint decides even when the caller names a config; every other field is architecture.
-CHECKPOINT_FIELDS = ("img_size", "num_classes", "labels", "layer_norm_eps", "qkv_bias", "mean", "std")
+CHECKPOINT_FIELDS = (
+    "img_size",
+    "num_classes",
+    "labels",
+    "layer_norm_eps",
+    "qkv_bias",
+    "mean",
+    "std",
+    "interpolation",
+    "resize",
+    "crop_pct",
+)
+# Values the caller decides even against the checkpoint: the checkpoint's tensors are adapted to them
+# (relative-position-bias tables resized to the requested window).
+REQUESTED_FIELDS = ("window_size", "partition_size")
+BIAS_TABLE_SUFFIX = "relative_position_bias_table"
 SUPPORTED_ACTIVATION = "gelu"
 # transformers leaves id2label out of config.json when it is the default of two labels.
 HF_DEFAULT_NUM_LABELS = 2
@@ -66,22 +83,23 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class KeyRule:
-    """One tensor: our name and its names in the transformers 4.x (`legacy`) and 5.x (`current`) layouts.
+    """One tensor: our name and its names in each dialect of a layout (HF: transformers 4.x, 5.x).
 
     Names are templates: `{i}` block, `{s}` stage, `{p}` weight|bias. `part` marks the q (0), k (1)
     or v (2) slice of our fused `qkv`; `prefixed` is False for the classifier, which sits outside the
-    `vit.` / `swin.` module of the classification models.
+    `vit.` / `swin.` module of the classification models; `stage_offset` is added to our stage index
+    to get theirs (timm's Swin opens stage s+1 with the merge that ends our stage s).
     """
 
     ours: str
-    legacy: str
-    current: str
+    names: tuple[str, ...]
     part: int | None = None
     prefixed: bool = True
+    stage_offset: int = 0
 
 
-def _same(ours: str, hf: str, prefixed: bool = True) -> KeyRule:
-    return KeyRule(ours, hf, hf, prefixed=prefixed)
+def _same(ours: str, theirs: str, prefixed: bool = True, stage_offset: int = 0) -> KeyRule:
+    return KeyRule(ours, (theirs,), prefixed=prefixed, stage_offset=stage_offset)
 
 
 def _block_rules(ours: str, legacy: str, current: str, legacy_attention: str) -> tuple[KeyRule, ...]:
@@ -96,39 +114,108 @@ def _block_rules(ours: str, legacy: str, current: str, legacy_attention: str) ->
         ("mlp.fc1.{p}", "intermediate.dense.{p}", "mlp.fc1.{p}", None),
         ("mlp.fc2.{p}", "output.dense.{p}", "mlp.fc2.{p}", None),
     )
-    return tuple(KeyRule(ours + o, legacy + old, current + new, part) for o, old, new, part in suffixes)
+    return tuple(KeyRule(ours + o, (legacy + old, current + new), part) for o, old, new, part in suffixes)
+
+
+# timm's block modules carry our names (ours were chosen to match); only the block prefix differs.
+TIMM_BLOCK_PARTS = ("norm1.{p}", "attn.qkv.{p}", "attn.proj.{p}", "norm2.{p}", "mlp.fc1.{p}", "mlp.fc2.{p}")
+
+
+def _timm_block_rules(ours: str, theirs: str) -> tuple[KeyRule, ...]:
+    return tuple(_same(ours + part, theirs + part) for part in TIMM_BLOCK_PARTS)
 
 
 _SWIN_BLOCK = "encoder.layers.{s}.blocks.{i}."
-RULES: dict[str, tuple[KeyRule, ...]] = {
-    "vit": (
-        _same("cls_token", "embeddings.cls_token"),
-        _same("pos_embed.weight", "embeddings.position_embeddings"),
-        _same("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
-        *_block_rules("blocks.{i}.", "encoder.layer.{i}.", "layers.{i}.", "attention.attention"),
-        _same("norm.{p}", "layernorm.{p}"),
-        _same("head.{p}", "classifier.{p}", prefixed=False),
-    ),
-    "swin": (
-        _same("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
-        _same("patch_embed.norm.{p}", "embeddings.norm.{p}"),
-        *_block_rules("stages.{s}.blocks.{i}.", _SWIN_BLOCK, _SWIN_BLOCK, "attention.self"),
-        KeyRule(
-            "stages.{s}.blocks.{i}.attn.relative_position_bias.relative_position_bias_table",
-            _SWIN_BLOCK + "attention.self.relative_position_bias_table",
-            _SWIN_BLOCK + "attention.relative_position_bias.relative_position_bias_table",
+_SWIN_BIAS = "stages.{s}.blocks.{i}.attn.relative_position_bias.relative_position_bias_table"
+_TIMM_SWIN_BLOCK = "layers.{s}.blocks.{i}."
+
+
+def _timm_swin(merge_offset: int, head: str) -> tuple[KeyRule, ...]:
+    """timm's Swin: since timm 0.9 each merge opens the next stage (`merge_offset` 1) and the head is
+    `head.fc`; earlier releases end a stage with its merge, as ours does, and name the head `head`."""
+    return (
+        _same("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+        _same("patch_embed.norm.{p}", "patch_embed.norm.{p}"),
+        *_timm_block_rules("stages.{s}.blocks.{i}.", _TIMM_SWIN_BLOCK),
+        _same(_SWIN_BIAS, _TIMM_SWIN_BLOCK + "attn.relative_position_bias_table"),
+        _same(
+            "stages.{s}.downsample.reduction.weight",
+            "layers.{s}.downsample.reduction.weight",
+            True,
+            merge_offset,
         ),
-        _same("stages.{s}.downsample.reduction.weight", "encoder.layers.{s}.downsample.reduction.weight"),
-        _same("stages.{s}.downsample.norm.{p}", "encoder.layers.{s}.downsample.norm.{p}"),
-        _same("norm.{p}", "layernorm.{p}"),
-        _same("head.{p}", "classifier.{p}", prefixed=False),
+        _same("stages.{s}.downsample.norm.{p}", "layers.{s}.downsample.norm.{p}", True, merge_offset),
+        _same("norm.{p}", "norm.{p}"),
+        _same("head.{p}", head + ".{p}"),
+    )
+
+
+# Key layouts per family: (layout name, rules, names dropped on purpose, module prefix of HF's
+# classification models or None). `load_checkpoint` picks the one that places most of a bare state
+# dict's tensors; ties go to the first listed.
+LAYOUTS: dict[str, tuple[tuple[str, tuple[KeyRule, ...], tuple[str, ...], str | None], ...]] = {
+    "vit": (
+        (
+            "timm",
+            (
+                _same("cls_token", "cls_token"),
+                _same("pos_embed.weight", "pos_embed"),
+                _same("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+                *_timm_block_rules("blocks.{i}.", "blocks.{i}."),
+                _same("norm.{p}", "norm.{p}"),
+                _same("head.{p}", "head.{p}"),
+            ),
+            (),
+            None,
+        ),
+        (
+            "Hugging Face",
+            (
+                _same("cls_token", "embeddings.cls_token"),
+                _same("pos_embed.weight", "embeddings.position_embeddings"),
+                _same("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+                *_block_rules("blocks.{i}.", "encoder.layer.{i}.", "layers.{i}.", "attention.attention"),
+                _same("norm.{p}", "layernorm.{p}"),
+                _same("head.{p}", "classifier.{p}", prefixed=False),
+            ),
+            ("pooler.dense.{p}",),
+            "vit.",
+        ),
     ),
-}
-DROPPED: dict[str, tuple[str, ...]] = {
-    "vit": ("pooler.dense.{p}",),
     "swin": (
-        _SWIN_BLOCK + "attention.self.relative_position_index",
-        _SWIN_BLOCK + "attention.relative_position_bias.relative_position_index",
+        ("timm", _timm_swin(1, "head.fc"), (_TIMM_SWIN_BLOCK + "attn.relative_position_index",), None),
+        (
+            "timm < 0.9",
+            _timm_swin(0, "head"),
+            (_TIMM_SWIN_BLOCK + "attn.relative_position_index", _TIMM_SWIN_BLOCK + "attn_mask"),
+            None,
+        ),
+        (
+            "Hugging Face",
+            (
+                _same("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+                _same("patch_embed.norm.{p}", "embeddings.norm.{p}"),
+                *_block_rules("stages.{s}.blocks.{i}.", _SWIN_BLOCK, _SWIN_BLOCK, "attention.self"),
+                KeyRule(
+                    _SWIN_BIAS,
+                    (
+                        _SWIN_BLOCK + "attention.self.relative_position_bias_table",
+                        _SWIN_BLOCK + "attention.relative_position_bias.relative_position_bias_table",
+                    ),
+                ),
+                _same(
+                    "stages.{s}.downsample.reduction.weight", "encoder.layers.{s}.downsample.reduction.weight"
+                ),
+                _same("stages.{s}.downsample.norm.{p}", "encoder.layers.{s}.downsample.norm.{p}"),
+                _same("norm.{p}", "layernorm.{p}"),
+                _same("head.{p}", "classifier.{p}", prefixed=False),
+            ),
+            (
+                _SWIN_BLOCK + "attention.self.relative_position_index",
+                _SWIN_BLOCK + "attention.relative_position_bias.relative_position_index",
+            ),
+            "swin.",
+        ),
     ),
 }
 _GROUPS = {"i": r"(?P<i>\d+)", "s": r"(?P<s>\d+)", "p": r"(?P<p>weight|bias)"}
@@ -155,6 +242,8 @@ class Entry:
 class KeyLayout(Protocol):
     """Translates checkpoint names to ours, and names what a checkpoint lacks in its own terms."""
 
+    name: str
+
     def entries(self, state: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[str]]:
         """Placed tensors, and the checkpoint names that have no place in our model."""
         ...
@@ -169,10 +258,22 @@ class KeyLayout(Protocol):
 
 
 class OwnLayout:
-    """Files from `save_checkpoint`: our names, nothing fused."""
+    """Our names, nothing fused: files from `save_checkpoint`, or `save_file(model.state_dict())`.
+
+    `known` is our model's tensor names when the layout is a candidate for a bare state dict (names
+    outside it are unknown), None for a `save_checkpoint` file, which is ours by its metadata.
+    """
+
+    name = "vitserve"
+
+    def __init__(self, known: set[str] | None = None):
+        self.known = known
 
     def entries(self, state: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[str]]:
-        return [Entry(name, name, None, tensor) for name, tensor in state.items()], []
+        if self.known is None:
+            return [Entry(name, name, None, tensor) for name, tensor in state.items()], []
+        placed = [Entry(name, name, None, t) for name, t in state.items() if name in self.known]
+        return placed, [name for name in state if name not in self.known]
 
     def parts(self, ours: str) -> tuple[int | None, ...]:
         return (None,)
@@ -181,30 +282,45 @@ class OwnLayout:
         return [ours]
 
 
-class HFLayout:
-    """Hugging Face ViT / Swin names in the 4.x or 5.x layout, with or without the model prefix."""
+class MappedLayout:
+    """A declarative layout (timm, Hugging Face): checkpoint names mapped to ours by KeyRule templates.
 
-    def __init__(self, family: str, keys: Iterable[str]):
-        self.rules = RULES[family]
-        self.dropped = DROPPED[family]
-        self.prefix = family + "."
+    Hugging Face has two dialects (transformers 4.x and 5.x names) and an optional model prefix;
+    missing tensors are named in the dialect the checkpoint uses, or in all when it gives no hint.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rules: tuple[KeyRule, ...],
+        dropped: tuple[str, ...],
+        prefix: str | None,
+        keys: Iterable[str],
+    ):
+        self.name = name
+        self.rules = rules
+        self.dropped = dropped
+        self.prefix = prefix or ""
         keys = list(keys)
-        self.prefixed = any(key.startswith(self.prefix) for key in keys)
-        layouts = {index for key in keys if (match := self._match(key)) for index in match[1]}
-        # Name missing tensors in the layout the checkpoint uses; both if it gives no hint.
-        self.layouts = (0,) if layouts == {0} else (1,) if layouts == {1} else (0, 1)
+        self.prefixed = bool(prefix) and any(key.startswith(self.prefix) for key in keys)
+        dialects = max(len(rule.names) for rule in rules)
+        used = {index for key in keys if (match := self._match(key)) for index in match[1]}
+        self.dialects = tuple(sorted(used)) if len(used) == 1 else tuple(range(dialects))
 
     def _match(self, key: str) -> tuple[KeyRule, tuple[int, ...], dict[str, str]] | None:
-        """The rule naming `key`, the layouts (0 legacy, 1 current) whose name it is, and the placeholders."""
+        """The rule naming `key`, the dialects whose name it is (empty when all agree), our placeholders."""
         for rule in self.rules:
-            name = key.removeprefix(self.prefix) if rule.prefixed else key
+            name = key.removeprefix(self.prefix) if rule.prefixed and self.prefix else key
             found = {}
-            for layout, template in enumerate((rule.legacy, rule.current)):
+            for dialect, template in enumerate(rule.names):
                 if match := _pattern(template).fullmatch(name):
-                    found[layout] = match.groupdict()
+                    found[dialect] = match.groupdict()
             if found:
-                ambiguous = rule.legacy == rule.current
-                return rule, () if ambiguous else tuple(found), next(iter(found.values()))
+                groups = dict(next(iter(found.values())))
+                if rule.stage_offset and "s" in groups:
+                    groups["s"] = str(int(groups["s"]) - rule.stage_offset)
+                ambiguous = len(set(rule.names)) == 1
+                return rule, () if ambiguous else tuple(found), groups
         return None
 
     def entries(self, state: Mapping[str, torch.Tensor]) -> tuple[list[Entry], list[str]]:
@@ -226,10 +342,29 @@ class HFLayout:
         for rule in self.rules:
             match = _pattern(rule.ours).fullmatch(ours)
             if match and rule.part == part:
+                groups = match.groupdict()
+                if rule.stage_offset and groups.get("s") is not None:
+                    groups["s"] = str(int(groups["s"]) + rule.stage_offset)
                 prefix = self.prefix if self.prefixed and rule.prefixed else ""
-                templates = (rule.legacy, rule.current)
-                names += [prefix + templates[layout].format(**match.groupdict()) for layout in self.layouts]
+                dialects = [d for d in self.dialects if d < len(rule.names)] or [0]
+                names += [prefix + rule.names[d].format(**groups) for d in dialects]
         return list(dict.fromkeys(names))
+
+
+def candidate_layouts(family: str, keys: Iterable[str], known: set[str]) -> list[KeyLayout]:
+    """Every layout a bare state dict of `family` may be in, ours first."""
+    keys = list(keys)
+    return [OwnLayout(known)] + [MappedLayout(*spec, keys) for spec in LAYOUTS[family]]
+
+
+def choose_layout(state: Mapping[str, torch.Tensor], family: str, known: set[str]) -> KeyLayout:
+    """The layout that leaves fewest of the checkpoint's tensors without a place in our model."""
+
+    def misplaced(layout: KeyLayout) -> int:
+        entries, unknown = layout.entries(state)
+        return len(unknown) + sum(entry.ours not in known for entry in entries)
+
+    return min(candidate_layouts(family, state, known), key=misplaced)
 
 
 # ---------------------------------------------------------------- Hugging Face config.json
@@ -242,7 +377,8 @@ def config_from_hf(
 
     Honoured, both families: patch_size, image_size, num_channels, qkv_bias, layer_norm_eps, id2label
     (the labels, when there is one per class; `num_classes` is decided by the caller, see
-    `hf_num_classes`). ViT: hidden_size,
+    `hf_num_classes`), the image processor's resampling, resize, crop, mean and std
+    (models.preprocessing). ViT: hidden_size,
     num_hidden_layers, num_attention_heads, intermediate_size (as mlp_ratio); always a class token with
     token pooling and a learned 1D position table. Swin: embed_dim, depths, num_heads, window_size,
     mlp_ratio. Mean/std come from `preprocessor` (`preprocessor_config.json`) when given, else the
@@ -290,8 +426,8 @@ def config_from_hf(
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )
-    if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
-        config = config.replace(mean=tuple(preprocessor["image_mean"]), std=tuple(preprocessor["image_std"]))
+    if preprocessor:
+        config = config.replace(**from_hf_processor(preprocessor, in_chans))
     return config
 
 
@@ -338,16 +474,23 @@ def hf_num_classes(hf_config: Mapping[str, Any], state: Mapping[str, torch.Tenso
 
 @dataclass(frozen=True)
 class Source:
-    """A checkpoint read from disk: its tensors, what it says about the architecture, and its key layout."""
+    """A checkpoint read from disk: its tensors, what it says about the architecture, and whether its
+    names are ours by construction (a `save_checkpoint` file) rather than to be recognised."""
 
     state: dict[str, torch.Tensor]
     config: BackboneConfig | None
     own_layout: bool
 
 
-def read_source(path: Path) -> Source:
-    """Read any supported checkpoint form (see the module docstring)."""
+def read_source(path: Path, requested: BackboneConfig | None = None) -> Source:
+    """Read any supported checkpoint form (see the module docstring).
+
+    `requested` is the caller's config: a timm folder names its architecture only by the timm model
+    name, so without it the registry entry of that name is used.
+    """
     if path.is_dir():
+        if _is_timm_config(path / "config.json"):
+            return _read_timm_folder(path, requested)
         return _read_hf_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -361,15 +504,12 @@ def read_source(path: Path) -> Source:
     if path.suffix in TORCH_SUFFIXES:
         return Source(_torch_state_dict(path), None, False)
     raise ValueError(
-        f"unsupported checkpoint {path}: expected a Hugging Face model folder, a .safetensors file "
+        f"unsupported checkpoint {path}: expected a Hugging Face or timm model folder, a .safetensors file "
         f"or a {'/'.join(TORCH_SUFFIXES)} state dict"
     )
 
 
-def _read_hf_folder(folder: Path) -> Source:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+def _weights_file(folder: Path) -> Path:
     weights = next((folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         present = sorted(p.name for p in folder.iterdir())
@@ -377,6 +517,14 @@ def _read_hf_folder(folder: Path) -> Source:
             f"{folder} holds no {' or '.join(HF_WEIGHT_FILES)} (found {present}); sharded checkpoints "
             "are not supported, save with a larger max_shard_size"
         )
+    return weights
+
+
+def _read_hf_folder(folder: Path) -> Source:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+    weights = _weights_file(folder)
     hf_config = json.loads(config_file.read_text())
     preprocessor_file = folder / "preprocessor_config.json"
     preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else None
@@ -386,6 +534,44 @@ def _read_hf_folder(folder: Path) -> Source:
         config_from_hf(hf_config, num_classes=hf_num_classes(hf_config, state), preprocessor=preprocessor),
         False,
     )
+
+
+def _is_timm_config(config_file: Path) -> bool:
+    """timm's hub folders (`push_to_hf_hub`) describe the model by `architecture`, transformers' by `model_type`."""
+    if not config_file.is_file():
+        return False
+    data = json.loads(config_file.read_text())
+    return "architecture" in data and "model_type" not in data
+
+
+def _read_timm_folder(folder: Path, requested: BackboneConfig | None) -> Source:
+    timm_config = json.loads((folder / "config.json").read_text())
+    state = read_source(_weights_file(folder)).state
+    architecture = str(timm_config["architecture"]).split(".")[0]
+    base = requested if requested is not None else get_config(architecture)
+    return Source(state, config_from_timm(timm_config, base, state), False)
+
+
+def config_from_timm(
+    timm_config: Mapping[str, Any], base: BackboneConfig, state: Mapping[str, torch.Tensor]
+) -> BackboneConfig:
+    """`base` with what a timm folder's config.json decides: classes (from the head's rows when
+    present), `label_names`, the native input size and the eval preprocessing of `pretrained_cfg`."""
+    pretrained = timm_config.get("pretrained_cfg") or {}
+    head = next((t for k, t in state.items() if k in ("head.weight", "head.fc.weight")), None)
+    num_classes = head.shape[0] if head is not None else int(timm_config.get("num_classes", 0))
+    labels = tuple(str(v) for v in timm_config.get("label_names") or ())
+    overrides: dict[str, Any] = {
+        "num_classes": num_classes,
+        "labels": labels if len(labels) == num_classes else (),
+        **from_timm_pretrained_cfg(pretrained),
+    }
+    if "input_size" in pretrained:
+        channels, height, width = pretrained["input_size"]
+        if height != width:
+            raise ValueError(f"non-square timm input_size {pretrained['input_size']} is not supported")
+        overrides.update(in_chans=channels, img_size=height)
+    return base.replace(**overrides)
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -401,8 +587,8 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def reconcile(checkpoint: BackboneConfig, requested: BackboneConfig) -> BackboneConfig:
     """The checkpoint's config, after checking that it describes the requested architecture.
 
-    Fields in CHECKPOINT_FIELDS may differ (the checkpoint wins); any other difference is an error
-    naming each field with both values.
+    Fields in CHECKPOINT_FIELDS may differ (the checkpoint wins), fields in REQUESTED_FIELDS too (the
+    request wins); any other difference is an error naming each field with both values.
     """
     if checkpoint.family != requested.family:
         raise ValueError(
@@ -411,14 +597,14 @@ def reconcile(checkpoint: BackboneConfig, requested: BackboneConfig) -> Backbone
     mismatches = [
         f"{field.name}: checkpoint {getattr(checkpoint, field.name)!r}, requested {getattr(requested, field.name)!r}"
         for field in dataclasses.fields(checkpoint)
-        if field.name not in CHECKPOINT_FIELDS
+        if field.name not in CHECKPOINT_FIELDS + REQUESTED_FIELDS
         and getattr(checkpoint, field.name) != getattr(requested, field.name)
     ]
     if mismatches:
         raise ValueError(
             "architecture mismatch between checkpoint and requested config: " + "; ".join(mismatches)
         )
-    return checkpoint
+    return checkpoint.replace(**{f: getattr(requested, f) for f in REQUESTED_FIELDS if hasattr(requested, f)})
 
 
 def config_from_weights(config: BackboneConfig, entries: list[Entry]) -> BackboneConfig:
@@ -509,36 +695,70 @@ def assemble(entries: list[Entry]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- public API
 
 
+def fit_bias_tables(expected: Mapping[str, torch.Tensor], entries: list[Entry]) -> list[Entry]:
+    """Entries with every relative-position-bias table resized to our window where only the window
+    differs (same heads), as timm does when a checkpoint is fine-tuned at another window size."""
+    fitted = []
+    for entry in entries:
+        want = expected.get(entry.ours)
+        if (
+            entry.ours.endswith(BIAS_TABLE_SUFFIX)
+            and want is not None
+            and entry.tensor.ndim == 2
+            and entry.tensor.shape != want.shape
+            and entry.tensor.shape[1] == want.shape[1]
+        ):
+            side = (math.isqrt(want.shape[0]) + 1) // 2
+            entry = dataclasses.replace(
+                entry, tensor=resize_relative_position_bias_table(entry.tensor, (side, side))
+            )
+        fitted.append(entry)
+    return fitted
+
+
+def _tensor_names(config: BackboneConfig) -> set[str]:
+    """Our state-dict names for `config`, from a model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return set(build_model(config).state_dict())
+
+
 def load_checkpoint(path: str | Path, config: BackboneConfig | None = None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, labels and config values.
 
-    With a Hugging Face folder or a `save_checkpoint` file, `config` is optional: when given, its
-    architecture must agree with the checkpoint's (ValueError naming each mismatching field), and
-    img_size, num_classes, labels, layer_norm_eps, qkv_bias, mean and std come from the checkpoint.
-    A bare state dict needs `config`; the class count, q/k/v bias and ViT image size are read off its
-    tensors. Loading is strict: CheckpointError lists every missing, unexpected, mis-shaped or
-    duplicate tensor by its checkpoint name and ours.
+    With a Hugging Face or timm folder or a `save_checkpoint` file, `config` is optional: when given,
+    its architecture must agree with the checkpoint's (ValueError naming each mismatching field);
+    the fields in CHECKPOINT_FIELDS come from the checkpoint, `window_size` / `partition_size` from
+    `config` (bias tables are resized to it). A bare state dict (ours, timm's or a Hugging Face
+    layout, recognised by its names) needs `config`; the class count, q/k/v bias and ViT image size
+    are read off its tensors. Loading is strict: CheckpointError lists every missing, unexpected,
+    mis-shaped or duplicate tensor by its checkpoint name and ours.
     """
     path = Path(path)
-    source = read_source(path)
+    source = read_source(path, config)
     if source.config is None and config is None:
         raise ValueError(
             f"{path} is a bare state dict with no architecture: pass config= (or use create_model)"
         )
     family = (source.config or config).family
-    layout: KeyLayout = OwnLayout() if source.own_layout else HFLayout(family, source.state)
+    layout: KeyLayout = (
+        OwnLayout()
+        if source.own_layout
+        else choose_layout(source.state, family, _tensor_names(source.config or config))
+    )
     entries, unknown = layout.entries(source.state)
     if source.config is None:
         final = config_from_weights(config, entries)
     else:
         final = source.config if config is None else reconcile(source.config, config)
     model = build_model(final)
+    expected = model.state_dict()
+    entries = fit_bias_tables(expected, entries)
     problems = check_entries(model, entries, unknown, layout)
     if problems:
         raise CheckpointError(
-            f"cannot load {path} into a {family} model ({len(problems)} problem(s)); the checkpoint and "
-            "config disagree, or the file is not a ViT/Swin checkpoint in a supported layout:\n"
-            + "\n".join(problems)
+            f"cannot load {path} into a {family} model ({len(problems)} problem(s)) read as the "
+            f"{layout.name} layout; the checkpoint and config disagree, or the file is not a ViT/Swin "
+            "checkpoint in a supported layout (vitserve, timm, Hugging Face):\n" + "\n".join(problems)
         )
     model.load_state_dict(assemble(entries))
     return model.eval()

@@ -1,7 +1,8 @@
 """Explicit configuration objects for every backbone family.
 
 A config fully determines the architecture and its pre-processing (`mean`, `std`, native
-`img_size`), so a model can be rebuilt from the dict stored beside its weights.
+`img_size`, and the checkpoint's `interpolation`, `resize` policy and `crop_pct`), so a model can be
+rebuilt, and its inputs prepared as it was trained, from the dict stored beside its weights.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from models.layers.pos_embed import POS_EMBED_KINDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pillow's resampling filters, by the names timm and torchvision use.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+# How an image is fitted to a bucket: "route" lets the router's pad/crop decide (no checkpoint opinion),
+# "squash" resizes both sides to the bucket (transformers' ViTImageProcessor), "crop" resizes the short
+# side to bucket / crop_pct and keeps the centered bucket square (timm's eval transform).
+RESIZE_POLICIES = ("route", "squash", "crop")
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,17 @@ class BackboneConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     labels: tuple[str, ...] = ()
+    interpolation: str = "bilinear"
+    resize: str = "route"
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize {self.resize!r} is not one of {RESIZE_POLICIES}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         for name in ("img_size", "patch_size", "in_chans", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -184,4 +200,12 @@ class SwinConfig(BackboneConfig):
         return tuple("window" for depth in self.depths for _ in range(depth))
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BackboneConfig", "SwinConfig", "ViTConfig"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "RESIZE_POLICIES",
+    "BackboneConfig",
+    "SwinConfig",
+    "ViTConfig",
+]

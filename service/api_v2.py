@@ -63,7 +63,9 @@ async def ready(state: Annotated[ServingState, Depends(get_state)]) -> Response:
 
 @router.get("", response_model=V2ServerMetadata)
 async def server_metadata(request: Request) -> V2ServerMetadata:
-    return V2ServerMetadata(name="vitserve", version=request.app.version, extensions=["binary_tensor_data"])
+    return V2ServerMetadata(
+        name="vitserve", version=request.app.version, extensions=["binary_tensor_data", "model_repository"]
+    )
 
 
 @router.get("/models/{model}", response_model=V2ModelMetadata, responses=ERRORS)

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 
-from service import api_v1, api_v2
+from service import api_repository, api_v1, api_v2
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.settings import Settings
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.role == "gateway":
         app.include_router(api_v1.router)
     app.include_router(api_v2.router)
+    app.include_router(api_repository.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

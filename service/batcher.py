@@ -3,7 +3,7 @@
 Throughput over HTTP has to stay within 10% of raw ONNX Runtime at its best batch size, so the
 batcher is built to cost almost nothing per request:
 
-- Zero extra copies. Each batcher preallocates `max_concurrent_batches + 1` batch buffers of shape
+- Zero extra copies. Each batcher reuses up to `max_concurrent_batches + 1` batch buffers of shape
   (rows, 3, H, W). A request's preprocessed float32 image is copied exactly once, into its row, and
   `run_batch` receives the first n rows as one contiguous array. Only arrays are accepted, not fill
   callbacks: preprocessing runs per request, concurrently, in the caller's thread pool before
@@ -42,8 +42,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# run_batch(batch, deadline): `deadline` is the earliest time.monotonic() deadline among the batch's
-# requests (None when none has one), so remote runtimes can pass it on as the protocol's timeout.
+# run_batch(batch, deadline): `deadline` is the latest time.monotonic() deadline among the batch's
+# requests (None when one has none): remote runtimes pass it on as the protocol's timeout, and a short
+# budget never fails co-batched long ones (rows already expired were dropped before the batch formed).
 RunBatch = Callable[[np.ndarray, float | None], Mapping[str, np.ndarray]]
 Result = dict[str, np.ndarray]
 # Weight of the newest batch in the moving average behind Retry-After estimates.
@@ -111,7 +112,8 @@ class Batcher:
     waiting in the queue (a staged or running batch is not counted). `tokens_per_item` is the token
     count of one image of this bucket; it weighs pending_tokens and, with `max_batch_tokens`, caps
     the rows of a batch. `max_concurrent_batches` batches may run at once (default 1, so ONNX
-    Runtime's intra-op threads own the cores). `executor` runs `run_batch` (default: a private pool
+    Runtime's intra-op threads own the cores), or fewer when `capacity()` says so (a remote pool's
+    endpoint budget, which grows and shrinks with its replicas). `executor` runs `run_batch` (default: a private pool
     of `max_concurrent_batches` threads, shut down by `close`); share one across batchers to bound
     the batches running in a pool. `fill_executor` copies staged batches (default: the loop's).
     """
@@ -130,6 +132,7 @@ class Batcher:
         tokens_per_item: int = 1,
         max_batch_tokens: int | None = None,
         max_concurrent_batches: int = 1,
+        capacity: Callable[[], int] | None = None,
         metrics: Metrics | None = None,
         executor: Executor | None = None,
         fill_executor: Executor | None = None,
@@ -159,6 +162,7 @@ class Batcher:
         self._max_delay = max_queue_delay_s
         self._max_queue_size = max_queue_size
         self._max_concurrent = max_concurrent_batches
+        self._capacity = capacity
         self._metrics = metrics
         self._own_executor = None
         if executor is None:
@@ -167,9 +171,8 @@ class Batcher:
             )
         self._executor = executor
         self._fill_executor = fill_executor
-        self._buffers = [
-            np.empty((self.rows, *self.input_shape), np.float32) for _ in range(max_concurrent_batches + 1)
-        ]
+        # Buffers are made on first use and reused, so a high remote ceiling costs nothing until used.
+        self._buffers: list[np.ndarray] = []
         self._queue: deque[_Request] = deque()
         self._queued = 0
         self._staged = 0
@@ -287,7 +290,16 @@ class Batcher:
         if self._batch_seconds is None:
             return UNMEASURED_RETRY_AFTER_S
         batches_ahead = math.ceil(self.queue_depth / self.rows) + self._running_batches
-        return max(self._max_delay, batches_ahead * self._batch_seconds / self._max_concurrent)
+        return max(self._max_delay, batches_ahead * self._batch_seconds / self._slots())
+
+    def _slots(self) -> int:
+        """Batches that may run now: `capacity()` (a remote pool's endpoint budget) within the ceiling."""
+        if self._capacity is None:
+            return self._max_concurrent
+        return max(1, min(self._max_concurrent, self._capacity()))
+
+    def _buffer(self) -> np.ndarray:
+        return self._buffers.pop() if self._buffers else np.empty((self.rows, *self.input_shape), np.float32)
 
     def _notify(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -331,15 +343,15 @@ class Batcher:
             requests = self._take()
             if not requests:
                 continue
-            buffer = self._buffers.pop()
-            if self._running_batches < self._max_concurrent:
+            buffer = self._buffer()
+            if self._running_batches < self._slots():
                 self._dispatch(buffer, requests, fill=True)
                 continue
             self._staged = len(requests)
             try:
                 pixels = [r.pixels for r in requests]
                 await self._loop.run_in_executor(self._fill_executor, _fill_rows, buffer, pixels)
-                while self._running_batches >= self._max_concurrent:
+                while self._running_batches >= self._slots():
                     await self._sleep(None)
             finally:
                 self._staged = 0
@@ -366,7 +378,7 @@ class Batcher:
             now = time.monotonic()
             hurry = self._closing or (oldest.alone and self._last_batch_size == 1)
             ready_at = now if hurry else oldest.enqueued_at + self._max_delay
-            if now >= ready_at and self._running_batches < self._max_concurrent:
+            if now >= ready_at and self._running_batches < self._slots():
                 return
             await self._sleep(ready_at - now if now < ready_at else None)
 
@@ -433,7 +445,8 @@ class Batcher:
             for request in requests:
                 self._observe_queue(started - request.enqueued_at)
             self._observe_batch(n)
-        deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
+        deadlines = [r.deadline for r in requests]
+        deadline = None if None in deadlines else max(deadlines)
         try:
             outputs, seconds = await self._loop.run_in_executor(
                 self._executor, self._compute, buffer, n, pixels, deadline

@@ -35,6 +35,12 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p.add_argument("--buckets", type=_buckets, default=(), help="comma-separated square input sizes")
     p.add_argument("--format", dest="artifact_format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument(
+        "--instance-kind",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where Triton runs the entry, whatever the precision (auto: a GPU if the server has one)",
+    )
     p.add_argument("--repository", type=Path, default=settings.repository, help="env VITSERVE_REPOSITORY")
     p.add_argument(
         "--name", help="backbone name in the repository (entries are NAME_BUCKET); default: --model"
@@ -55,24 +61,31 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from export import ExportError, ExportRequest, export_model
+def export_request(args: argparse.Namespace):
+    """The ExportRequest of parsed `vitserve export` arguments (also how tests read the Dockerfile's exports)."""
+    from export import ExportRequest
 
-    request = ExportRequest(
+    return ExportRequest(
         model=args.model,
         repository=args.repository,
         buckets=args.buckets,
         checkpoint=args.checkpoint,
         artifact_format=args.artifact_format,
         precision=args.precision,
+        instance_kind=args.instance_kind,
         name=args.name,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         fused=not args.unfused,
         overrides=dict(args.overrides),
     )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from export import ExportError, export_model
+
     try:
-        entries = export_model(request)
+        entries = export_model(export_request(args))
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The service's Prometheus metrics, with the names and labels DESIGN.md promises (prefix `vitserve_`).
+"""The service's Prometheus metrics, with the names and labels ARCHITECTURE.md "Metrics" promises (prefix `vitserve_`).
 
 Each `Metrics` owns its own `CollectorRegistry`, so several app instances (and the tests) can live in
 one process without colliding in the global registry. The queue gauges are not pushed on every

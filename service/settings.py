@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     repository: Path = Field(PROJECT_ROOT / "model_repository", description="Model repository directory.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free port).")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off."
+    )
     role: Literal["gateway", "pool"] = Field(
         "gateway", description="gateway: full API; pool: v2 tensors only."
     )
@@ -39,9 +42,19 @@ class Settings(BaseSettings):
     )
     triton_urls: str = Field(
         "",
-        description="KServe v2 server of each pool, backbone or entry on the triton runtime: KEY=URL,... "
-        "(e.g. 'global=grpc://triton-global:8001,windowed=http://pool-windowed:8000'); "
-        "the scheme picks gRPC or HTTP.",
+        description="KServe v2 servers of each pool, backbone or entry on the triton runtime: KEY=ADDRESS,... "
+        "An ADDRESS is grpc://HOST:PORT or http://HOST:PORT (the scheme picks the protocol), several "
+        "joined by '|', dns+grpc://NAME:PORT / dns+http://NAME:PORT (every address of a headless "
+        "Service), or file:///PATH (one URL per line); dns and file are re-read every endpoint_refresh_s.",
+    )
+    endpoint_concurrency: int = Field(
+        4, ge=1, description="Batches in flight per pool endpoint (replica) from this gateway."
+    )
+    endpoint_refresh_s: float = Field(
+        5.0, gt=0, description="Seconds between re-resolving dns+ and file:// pool addresses."
+    )
+    endpoint_eject_s: float = Field(
+        5.0, ge=0, description="Seconds a pool endpoint that failed as unavailable gets no batches."
     )
     triton_timeout_ms: float | None = Field(
         None,
@@ -66,8 +79,11 @@ class Settings(BaseSettings):
         description="ONNX Runtime intra-op threads: off (never spin), run (spin between operators only "
         "while a batch runs), always (also between batches, starving decoding under load).",
     )
-    remote_concurrency: int = Field(
-        4, ge=1, description="Batches in flight per pool on the triton runtime (local runtimes run one)."
+    max_remote_batches: int = Field(
+        64,
+        ge=1,
+        description="Ceiling on batches in flight per pool on the triton runtime, whatever the endpoints' "
+        "budget (endpoint_concurrency x endpoints) allows.",
     )
     models: str = Field("", description="Comma-separated entries to serve (pool role); empty serves all.")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference session; 0 = all cores.")
@@ -87,6 +103,12 @@ class Settings(BaseSettings):
         ge=0,
         description="After SIGTERM, keep listening this long (readiness 503, new requests 503) "
         "before closing, so load balancers stop routing here first.",
+    )
+    poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between repository scans that load new versions and entries and unload "
+        "removed ones; 0 = off (the repository API, /v2/repository, still loads and unloads).",
     )
     log_level: str = Field("warning", description="Log level (structured JSON logs on stderr).")
 

@@ -9,14 +9,17 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from export.repository import ModelEntry, read_repository
-from service.batcher import Batcher, BatcherGroup
+from service.batcher import Batcher, BatcherGroup, RunBatch
+from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
-from service.runtimes import Runtime, load_runtime
+from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
+from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -41,11 +44,39 @@ class ServingState:
     draining: bool = False
     cpu_pool: ThreadPoolExecutor | None = None
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    endpoints: EndpointRegistry | None = None
 
     backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
+    lifecycle: ModelLifecycle | None = None
 
     def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
-        return self.backbones[backbone][bucket]
+        try:
+            return self.backbones[backbone][bucket]
+        except KeyError:
+            raise RuntimeUnavailable(
+                f"the route chose {backbone} at {bucket} px, whose entry is unloaded; load it with "
+                f"POST /v2/repository/models/{{entry}}/load (entries: POST /v2/repository/index)"
+            ) from None
+
+    def serve_entry(self, entry: ModelEntry) -> None:
+        """Serve `entry` (new, or a new version of a served one) from the next request on."""
+        self.entries[entry.name] = entry
+        self._regroup()
+
+    def withdraw_entry(self, name: str) -> None:
+        """Stop giving `name` to new requests (they get 404); accepted ones still finish."""
+        self.entries.pop(name)
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Group the entries again; a derived routing follows the buckets served (a routing file stays)."""
+        self.backbones = group_by_backbone(list(self.entries.values()))
+        if self.router is None or self.settings.routing is not None:
+            return
+        try:
+            self.router = build_router(list(self.entries.values()), self.settings)
+        except StartupError as exc:
+            log.warning("routing kept", extra={"reason": str(exc)})
 
     def batcher(self, entry: ModelEntry) -> Batcher:
         return self.batchers.get(entry.name, entry.bucket)
@@ -69,44 +100,69 @@ class ServingState:
         self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
+        self.endpoints = EndpointRegistry(
+            settings.endpoint_concurrency,
+            settings.endpoint_refresh_s,
+            settings.endpoint_eject_s,
+            EndpointMetrics(self.metrics.registry),
+        )
         for entry in entries:
             self.metrics.model_ready.labels(entry.name).set(0)
             started = time.perf_counter()
             kind = settings.runtime_for(entry.name, entry.backbone)
             self.runtimes[entry.name] = await loop.run_in_executor(
-                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry)
+                None, load_runtime, kind, entry, threads, settings, self.pool_of(entry), self.endpoints
             )
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
         self.batchers = BatcherGroup(self.metrics)
+        self.lifecycle = ModelLifecycle(self)
         for entry in entries:
-            concurrency = self._concurrency(entry)
-            self.batchers.add(
-                self.runtimes[entry.name].run,
-                model=entry.name,
-                pool=self.pool_of(entry),
-                bucket=entry.bucket,
-                input_shape=entry.input_shape,
-                max_batch_size=settings.max_batch_size or entry.max_batch_size,
-                max_queue_delay_s=(
-                    settings.max_queue_delay_ms / 1000
-                    if settings.max_queue_delay_ms is not None
-                    else entry.max_queue_delay_us / 1e6
-                ),
-                max_queue_size=settings.max_queue_size,
-                tokens_per_item=max(1, entry.tokens),
-                max_batch_tokens=settings.max_batch_tokens,
-                max_concurrent_batches=concurrency,
-                executor=self._executor(self.pool_of(entry), concurrency),
-            )
-            self.metrics.model_ready.labels(entry.name).set(1)
+            runtime = self.runtimes[entry.name]
+            self.add_batcher(entry, self.lifecycle.adopt(entry, runtime), runtime)
         self.ready = True
+        self.lifecycle.start_polling()
+
+    def add_batcher(self, entry: ModelEntry, run_batch: RunBatch, runtime: Runtime) -> Batcher:
+        """The entry's batcher, with limits from the settings or else from its config.pbtxt.
+
+        A remote `runtime`'s endpoint budget bounds the batches in flight; it is read from whichever
+        runtime serves the entry at the time, since a new version may swap it."""
+        settings = self.settings
+        concurrency = self._concurrency(entry)
+        batcher = self.batchers.add(
+            run_batch,
+            model=entry.name,
+            pool=self.pool_of(entry),
+            bucket=entry.bucket,
+            input_shape=entry.input_shape,
+            max_batch_size=settings.max_batch_size or entry.max_batch_size,
+            max_queue_delay_s=(
+                settings.max_queue_delay_ms / 1000
+                if settings.max_queue_delay_ms is not None
+                else entry.max_queue_delay_us / 1e6
+            ),
+            max_queue_size=settings.max_queue_size,
+            tokens_per_item=max(1, entry.tokens),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_concurrent_batches=concurrency,
+            capacity=self._remote_capacity(entry.name, runtime),
+            executor=self._executor(self.pool_of(entry), concurrency),
+        )
+        self.metrics.model_ready.labels(entry.name).set(1)
+        return batcher
+
+    def _remote_capacity(self, name: str, runtime: Runtime) -> Callable[[], int] | None:
+        if getattr(runtime, "endpoints", None) is None:
+            return None
+        return lambda: self.runtimes.get(name, runtime).endpoints.capacity()
 
     def _concurrency(self, entry: ModelEntry) -> int:
-        """Remote pools overlap batches to use their replicas; local runtimes run one batch at a time."""
+        """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
         remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
-        return self.settings.remote_concurrency if remote else 1
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores
@@ -126,11 +182,15 @@ class ServingState:
         """Stop taking work, finish what is queued and running, release the threads."""
         self.ready = False
         self.draining = True
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_polling()
         if self.batchers is not None:
             try:
                 await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        if self.endpoints is not None:
+            self.endpoints.close()
         for executor in (self.cpu_pool, *self.inference_pools.values()):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)

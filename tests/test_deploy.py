@@ -8,11 +8,11 @@ No tool is skipped: a missing one fails the test with the command that installs 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
-import shutil
-import subprocess
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -22,15 +22,19 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from tritonclient.grpc import model_config_pb2
 
+from export.pipeline import entry_spec
+from export.triton_config import build_model_config
 from models import estimate_cost
 from models.registry import get_config
+from service.cli import build_parser, export_request
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import GLOBAL_ATTENTION
+from support.manifests import DEPLOY, Build, build, pod_labels, run, selects, tool
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 KEDA_OVERLAYS = ("cpu", "gpu")
 HPA_OVERLAYS = ("cpu-hpa", "gpu-hpa")
 OVERLAYS = KEDA_OVERLAYS + HPA_OVERLAYS
@@ -45,26 +49,9 @@ OPERATOR_TARGET_LABELS = frozenset(
     {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
 )
 HEALTH = {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
-INSTALL = {
-    "kubectl": "the machine image's apt package `kubectl` (kubectl with kustomize v5)",
-    "promtool": "apt-get install -y --no-install-recommends prometheus",
-}
 
 
 # --- tools -------------------------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not on PATH; `make test` installs it ({INSTALL[name]})")
-    return path
-
-
-def run(args: list[str], cwd: Path | None = None) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 def kubernetes_validate():
@@ -78,42 +65,6 @@ def kubernetes_validate():
 # --- the built manifests -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Build:
-    """One `kubectl kustomize` output, with look-ups by kind and by the pods a selector picks."""
-
-    overlay: str
-    docs: tuple[dict, ...]
-
-    def of(self, kind: str) -> list[dict]:
-        return [d for d in self.docs if d["kind"] == kind]
-
-    def get(self, kind: str, name: str) -> dict:
-        found = [d for d in self.of(kind) if d["metadata"]["name"] == name]
-        assert len(found) == 1, f"{self.overlay}: expected one {kind} {name}, found {len(found)}"
-        return found[0]
-
-    def deployments_selected(self, selector: dict[str, str]) -> list[dict]:
-        return [d for d in self.of("Deployment") if selects(selector, pod_labels(d))]
-
-    def services_selected(self, selector: dict[str, str]) -> list[dict]:
-        return [s for s in self.of("Service") if selects(selector, s["metadata"].get("labels", {}))]
-
-
-@cache
-def build(overlay: str) -> Build:
-    out = run([tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay)])
-    return Build(overlay, tuple(d for d in yaml.safe_load_all(out) if d))
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def pod_labels(deployment: dict) -> dict[str, str]:
-    return deployment["spec"]["template"]["metadata"]["labels"]
-
-
 def pod_spec(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]
 
@@ -123,8 +74,24 @@ def containers(deployment: dict, init: bool = False) -> list[dict]:
     return spec["containers"] + (spec.get("initContainers", []) if init else [])
 
 
+@cache
+def vitserve_image() -> tuple[str, str]:
+    """(name, digest) every overlay pins the vitserve image to, from deploy/components/images."""
+    component = yaml.safe_load((DEPLOY / "components" / "images" / "kustomization.yaml").read_text())
+    (image,) = [i for i in component["images"] if i["name"] == "vitserve"]
+    return image.get("newName", "vitserve"), image["digest"]
+
+
+def image_name(container: dict) -> str:
+    return re.split(r"[@:]", container["image"], maxsplit=1)[0]
+
+
+def is_vitserve_image(container: dict) -> bool:
+    return image_name(container) == vitserve_image()[0]
+
+
 def is_vitserve(container: dict) -> bool:
-    return container["image"].split(":")[0] == "vitserve" and container.get("args") == ["serve"]
+    return is_vitserve_image(container) and container.get("args") == ["serve"]
 
 
 def named_port(container: dict, name: str) -> int | None:
@@ -241,7 +208,7 @@ def target_labels(b: Build) -> frozenset[str]:
 
 
 SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
-SERIES_NAME = re.compile(r"\b(vitserve_\w+|\w+:\w+:\w+)")
+SERIES_NAME = re.compile(r"\b(vitserve_\w+|kube_\w+|\w+:\w+:\w+)")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 
@@ -337,6 +304,8 @@ def test_custom_resources_have_their_required_fields(overlay: str) -> None:
             assert urlsplit(meta["serverAddress"]).scheme in ("http", "https")
             assert meta["query"].strip()
             number(meta["threshold"])
+            # The default (true) reads an empty result, e.g. no gateway scraped, as zero load.
+            assert meta["ignoreNullValues"] == "false", so["metadata"]["name"]
     for monitor in b.of("ServiceMonitor"):
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["spec"]["selector"]["matchLabels"]
@@ -475,9 +444,92 @@ def test_pools_run_on_the_overlay_backend(overlay: str) -> None:
         # /models in Triton is the volume the init container fills from the vitserve image.
         (init,) = spec["initContainers"]
         models = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
-        assert init["image"].split(":")[0] == "vitserve"
+        assert is_vitserve_image(init)
         assert any(m["name"] == models["name"] for m in init["volumeMounts"])
         assert container_env(deployment, init)["MODELS"] in image_backbones()
+
+
+def dockerfile_exports() -> dict[str, list[argparse.Namespace]]:
+    """Repository path -> the `vitserve export` invocations the Dockerfile writes into it, as the CLI parses them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    parser = build_parser()
+    exports: dict[str, list[argparse.Namespace]] = {}
+    for command in re.findall(r"vitserve (export [^&\n]+)", text):
+        args = parser.parse_args(shlex.split(command))
+        exports.setdefault(str(args.repository), []).append(args)
+    return exports
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlay_serves_fp16_entries_placed_on_the_gpu(overlay: str) -> None:
+    """The repository each Triton pool copies is exported fp16 with KIND_GPU instances, and the gateway reads it."""
+    b = build(overlay)
+    gateway = b.get("Deployment", "gateway")
+    gateway_repository = str(settings_of(container_env(gateway, containers(gateway)[0])).repository)
+    for name in ("pool-global", "pool-windowed"):
+        deployment = b.get("Deployment", name)
+        (init,) = pod_spec(deployment)["initContainers"]
+        env = container_env(deployment, init)
+        assert '"$SOURCE"' in init["args"][0], "the init container must copy from $SOURCE"
+        source = env["SOURCE"]
+        assert source == gateway_repository, f"{name} serves {source}, the gateway reads {gateway_repository}"
+        exported = {a.name: a for a in dockerfile_exports().get(source, [])}
+        assert env["MODELS"] in exported, f"the Dockerfile exports no {env['MODELS']} into {source}"
+        args = exported[env["MODELS"]]
+        assert (args.precision, args.instance_kind) == ("fp16", "gpu"), (
+            f"{source}/{args.name} is {args.precision} on {args.instance_kind}"
+        )
+        request = export_request(args)
+        for bucket in request.buckets:
+            config = build_model_config(entry_spec(request, get_config(request.model), bucket))
+            assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+            assert config.parameters["precision"].string_value == "fp16"
+    cpu_repository = {
+        str(settings_of(container_env(d, c)).repository)
+        for d in build("cpu").of("Deployment")
+        for c in containers(d)
+    }
+    assert cpu_repository != {gateway_repository}, "cpu pools must not serve the fp16 GPU repository"
+    for args in dockerfile_exports()[cpu_repository.pop()]:
+        assert args.precision == "fp32", f"the CPU repository's {args.name} is {args.precision}"
+
+
+def test_both_repositories_hold_the_same_backbones_and_buckets() -> None:
+    """The gateway's routing tables are the same whichever overlay runs: only precision and placement differ."""
+    exports = dockerfile_exports()
+    assert len(exports) == 2, f"expected a CPU and a GPU repository, the Dockerfile writes {sorted(exports)}"
+    shapes = [{(a.model, a.name, a.buckets) for a in invocations} for invocations in exports.values()]
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_pinned(overlay: str) -> None:
+    """vitserve by the digest of deploy/components/images, Triton by its release tag; never latest or untagged."""
+    name, digest = vitserve_image()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment, init=True):
+            image = container["image"]
+            assert not image.endswith(":latest"), image
+            if is_vitserve_image(container):
+                assert image == f"{name}@{digest}", image
+            else:
+                assert re.fullmatch(r"[\w./-]+:\d\d\.\d\d-py3(@sha256:[0-9a-f]{64})?", image), image
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_spreads_its_own_pods_over_zones_and_nodes(overlay: str) -> None:
+    b = build(overlay)
+    for deployment in b.of("Deployment"):
+        name = deployment["metadata"]["name"]
+        constraints = pod_spec(deployment).get("topologySpreadConstraints", [])
+        keys = {c["topologyKey"] for c in constraints}
+        assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}, f"{name}: {keys}"
+        for constraint in constraints:
+            selector = constraint["labelSelector"]["matchLabels"]
+            assert b.deployments_selected(selector) == [deployment], f"{name} spreads other pods too"
+            assert constraint["maxSkew"] == 1 and constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+            assert constraint.get("matchLabelKeys") == ["pod-template-hash"], name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -667,6 +719,7 @@ def test_prometheus_rules_use_registered_metrics_and_labels(overlay: str) -> Non
     b = build(overlay)
     known = {name: labels | target_labels(b) for name, labels in registered_series().items()}
     known["up"] = target_labels(b)
+    known.update({name: labels | OPERATOR_TARGET_LABELS for name, labels in KUBE_STATE_SERIES.items()})
     for group in rules_spec(b)["groups"]:
         for rule in group["rules"]:
             where = rule.get("record") or rule["alert"]
@@ -691,60 +744,72 @@ def series(name: str, value: str, **labels: str) -> dict:
     return {"series": f"{name}{{{body}}}", "values": value}
 
 
+def scraped(name: str, value: str, deployment: str, pod: str, namespace: str = NAMESPACE, **own: str) -> dict:
+    """A vitserve series as stored under the Operator: its target labels, `component` from the pod, and
+    vitserve's own `endpoint` where it has one (the ServiceMonitor's metricRelabelings restore it from
+    exported_endpoint), else the port name."""
+    component = "gateway" if deployment == "gateway" else "pool"
+    target = {
+        "job": deployment,
+        "instance": f"10.0.{len(pod)}.{sum(map(ord, pod)) % 250}:8000",
+        "namespace": namespace,
+        "service": deployment,
+        "pod": pod,
+        "container": component,
+        "endpoint": "http",
+        "component": component,
+    }
+    return series(name, value, **{**target, **own})
+
+
+def kube_state(name: str, value: str, namespace: str, **own: str) -> dict:
+    """A kube-state-metrics series as kube-prometheus-stack stores it (honorLabels: the object's namespace)."""
+    target = {
+        "job": "kube-state-metrics",
+        "instance": "10.0.9.9:8080",
+        "service": "kube-prometheus-stack-kube-state-metrics",
+        "container": "kube-state-metrics",
+        "endpoint": "http",
+        "pod": "kube-prometheus-stack-kube-state-metrics-5d4f7-abcde",
+    }
+    return series(name, value, **{**target, "namespace": namespace, **own})
+
+
+# The series kube-state-metrics exports that the alerts read, with their own labels.
+KUBE_STATE_SERIES = {
+    "kube_horizontalpodautoscaler_spec_max_replicas": frozenset({"namespace", "horizontalpodautoscaler"}),
+    "kube_horizontalpodautoscaler_status_desired_replicas": frozenset(
+        {"namespace", "horizontalpodautoscaler"}
+    ),
+    "kube_pod_status_unschedulable": frozenset({"namespace", "pod"}),
+}
+
+
 # Gateway pods in our namespace, a vitserve pool process reporting its own queue, and a second install.
 PENDING = [
-    series(
-        "vitserve_pending_tokens",
-        "1000x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-a",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "500x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-b",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "200000x10",
-        component="gateway",
-        namespace=NAMESPACE,
-        pod="gw-a",
-        pool="windowed",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "700x10",
-        component="pool",
-        namespace=NAMESPACE,
-        pod="pool-a",
-        pool="global",
-    ),
-    series(
-        "vitserve_pending_tokens",
-        "9999x10",
-        component="gateway",
-        namespace="staging",
-        pod="gw-x",
-        pool="global",
-    ),
-    series("vitserve_inflight_requests", "40x10", component="gateway", namespace=NAMESPACE, pod="gw-a"),
-    series("vitserve_inflight_requests", "30x10", component="gateway", namespace=NAMESPACE, pod="gw-b"),
-    series("vitserve_inflight_requests", "12x10", component="pool", namespace=NAMESPACE, pod="pool-a"),
-    series("vitserve_inflight_requests", "99x10", component="gateway", namespace="staging", pod="gw-x"),
+    scraped("vitserve_pending_tokens", "1000x10", "gateway", "gw-a", pool="global"),
+    scraped("vitserve_pending_tokens", "500x10", "gateway", "gw-b", pool="global"),
+    scraped("vitserve_pending_tokens", "200000x10", "gateway", "gw-a", pool="windowed"),
+    scraped("vitserve_pending_tokens", "700x10", "pool-global", "pool-a", pool="global"),
+    scraped("vitserve_pending_tokens", "9999x10", "gateway", "gw-x", namespace="staging", pool="global"),
+    scraped("vitserve_inflight_requests", "40x10", "gateway", "gw-a"),
+    scraped("vitserve_inflight_requests", "30x10", "gateway", "gw-b"),
+    scraped("vitserve_inflight_requests", "12x10", "pool-global", "pool-a"),
+    scraped("vitserve_inflight_requests", "99x10", "gateway", "gw-x", namespace="staging"),
 ]
 EXPECTED_SIGNAL = {"global": 1500, "windowed": 200000, None: 70}
 
 
-def requests(endpoint: str, status: str, per_minute: int) -> dict:
-    labels = {"component": "gateway", "namespace": NAMESPACE, "endpoint": endpoint, "route": "global"}
-    return series(
-        "vitserve_requests_total", f"0+{per_minute}x30", **labels, model="vit_global", status=status
+def requests(endpoint: str, status: str, per_minute: int, pod: str = "gw-a") -> dict:
+    return scraped(
+        "vitserve_requests_total",
+        f"0+{per_minute}x30",
+        "gateway",
+        pod,
+        endpoint=endpoint,
+        route="global",
+        model="vit_global",
+        status=status,
     )
 
 
@@ -784,9 +849,7 @@ def test_keda_queries_and_pending_tokens_rule_count_each_pool_once(overlay: str,
 
 def test_high_5xx_ratio_alert_fires_only_for_the_failing_endpoint(tmp_path: Path) -> None:
     b = build("cpu")
-    (alert,) = [
-        r for g in rules_spec(b)["groups"] for r in g["rules"] if r.get("alert") == "VitserveHigh5xxRatio"
-    ]
+    alert = alert_rule(b, "VitserveHigh5xxRatio")
     firing = {
         "exp_labels": {"severity": "critical", "namespace": NAMESPACE, "endpoint": "classify"},
         "exp_annotations": {
@@ -796,15 +859,151 @@ def test_high_5xx_ratio_alert_fires_only_for_the_failing_endpoint(tmp_path: Path
     }
     test = {
         "interval": "1m",
+        # Two gateway pods: the ratio is per endpoint across pods, and embed's clean traffic stays apart.
         "input_series": [
-            requests("classify", "200", 90),
-            requests("classify", "503", 10),
+            *(requests("classify", "200", 45, pod) for pod in ("gw-a", "gw-b")),
+            *(requests("classify", "503", 5, pod) for pod in ("gw-a", "gw-b")),
             requests("embed", "200", 100),
             requests("embed", "500", 0),
         ],
         "alert_rule_test": [
             {"eval_time": "4m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": []},
             {"eval_time": "15m", "alertname": "VitserveHigh5xxRatio", "exp_alerts": [firing]},
+        ],
+    }
+    promtool_test(tmp_path, b, [test])
+
+
+def alert_rule(b: Build, name: str) -> dict:
+    (rule,) = [r for g in rules_spec(b)["groups"] for r in g["rules"] if r.get("alert") == name]
+    return rule
+
+
+def render(template: str, labels: dict[str, str], value: str) -> str:
+    """The annotation Prometheus sends, for templates that read only `$labels.x` and a plain `$value`."""
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], template)
+    text = text.replace("{{ $value }}", value)
+    assert "{{" not in text, f"render() cannot expand {text!r}"
+    return text
+
+
+def expect_alert(b: Build, name: str, eval_time: str, labels: list[dict[str, str]], value: str = "") -> dict:
+    """An alert_rule_test: `name` fires at `eval_time` with exactly these label sets (the rule's own labels
+    added) and its annotations expanded for them."""
+    rule = alert_rule(b, name)
+    alerts = []
+    for found in labels:
+        annotations = {k: render(v, found, value) for k, v in rule.get("annotations", {}).items()}
+        alerts.append({"exp_labels": {**rule.get("labels", {}), **found}, "exp_annotations": annotations})
+    return {"eval_time": eval_time, "alertname": name, "exp_alerts": alerts}
+
+
+def test_pool_down_fires_for_a_pool_with_no_endpoints_and_for_one_with_all_down(tmp_path: Path) -> None:
+    b = build("cpu")
+    gateways = [
+        scraped("vitserve_pending_tokens", "0x20", "gateway", pod, pool=pool)
+        for pod in ("gw-a", "gw-b")
+        for pool in ("global", "windowed")
+    ]
+    up = [
+        scraped("up", "1x20", "gateway", "gw-a"),
+        scraped("up", "1x20", "gateway", "gw-b"),
+    ]
+    no_windowed_endpoint = {
+        "interval": "1m",
+        "input_series": gateways
+        + up
+        + [
+            scraped("up", "1x20", "pool-global", "pool-global-1"),
+            scraped("up", "1x20", "pool-global", "pool-global-2"),
+        ],
+        "alert_rule_test": [
+            expect_alert(b, "VitservePoolDown", "1m", []),
+            expect_alert(b, "VitservePoolDown", "10m", [{"namespace": NAMESPACE, "pool": "windowed"}]),
+        ],
+    }
+    global_all_down = {
+        "interval": "1m",
+        "input_series": gateways
+        + up
+        + [
+            scraped("up", "0x20", "pool-global", "pool-global-1"),
+            scraped("up", "0x20", "pool-global", "pool-global-2"),
+            scraped("up", "0x20", "pool-windowed", "pool-windowed-1"),
+            scraped("up", "1x20", "pool-windowed", "pool-windowed-2"),
+        ],
+        "alert_rule_test": [
+            expect_alert(b, "VitservePoolDown", "10m", [{"namespace": NAMESPACE, "pool": "global"}])
+        ],
+    }
+    promtool_test(tmp_path, b, [no_windowed_endpoint, global_all_down])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pool_down_maps_every_pool_to_its_service(overlay: str) -> None:
+    """The alert derives `pool` from the Service name: pool-<vitserve/pool label>."""
+    b = build(overlay)
+    for service in b.of("Service"):
+        pool = service["spec"]["selector"].get("vitserve/pool")
+        if pool:
+            assert service["metadata"]["name"] == f"pool-{pool}"
+
+
+@pytest.mark.parametrize("overlay", ("cpu", "cpu-hpa"))
+def test_scaler_at_maximum_fires_for_vitserve_autoscalers_only(overlay: str, tmp_path: Path) -> None:
+    """KEDA's HPAs (keda-hpa-<name>) and plain HPAs (<name>) at their maximum, not another app's."""
+    b = build(overlay)
+    prefix = "keda-hpa-" if overlay == "cpu" else ""
+    hpas = [
+        (NAMESPACE, f"{prefix}pool-windowed", "16", "16"),
+        (NAMESPACE, f"{prefix}pool-global", "5", "20"),
+        (NAMESPACE, f"{prefix}gateway", "2", "20"),
+        ("shop", f"{prefix}gateway", "10", "10"),
+    ]
+    input_series = [scraped("up", "1x30", "gateway", "gw-a")]
+    for namespace, name, desired, maximum in hpas:
+        input_series += [
+            kube_state(
+                "kube_horizontalpodautoscaler_status_desired_replicas",
+                f"{desired}x30",
+                namespace,
+                horizontalpodautoscaler=name,
+            ),
+            kube_state(
+                "kube_horizontalpodautoscaler_spec_max_replicas",
+                f"{maximum}x30",
+                namespace,
+                horizontalpodautoscaler=name,
+            ),
+        ]
+    firing = [{"namespace": NAMESPACE, "horizontalpodautoscaler": f"{prefix}pool-windowed"}]
+    test = {
+        "interval": "1m",
+        "input_series": input_series,
+        "alert_rule_test": [
+            expect_alert(b, "VitserveScalerAtMaximum", "10m", []),
+            expect_alert(b, "VitserveScalerAtMaximum", "20m", firing, value="16"),
+        ],
+    }
+    promtool_test(tmp_path, b, [test])
+
+
+def test_pods_unschedulable_fires_for_vitserve_pods_only(tmp_path: Path) -> None:
+    b = build("gpu")
+    stuck = "pool-windowed-7d9f8b6c5-x2x9k"
+    input_series = [
+        scraped("up", "1x20", "gateway", "gw-a"),
+        kube_state("kube_pod_status_unschedulable", "1x20", NAMESPACE, pod=stuck),
+        kube_state("kube_pod_status_unschedulable", "0x20", NAMESPACE, pod="pool-global-6c8d9f7b4-q7w2e"),
+        kube_state("kube_pod_status_unschedulable", "1x20", "shop", pod="gateway-5f6d7c8b9-a1b2c"),
+        kube_state("kube_pod_status_unschedulable", "1x20", NAMESPACE, pod="debug-shell"),
+    ]
+    test = {
+        "interval": "1m",
+        "input_series": input_series,
+        "alert_rule_test": [
+            expect_alert(b, "VitservePodsUnschedulable", "3m", []),
+            expect_alert(b, "VitservePodsUnschedulable", "10m", [{"namespace": NAMESPACE, "pod": stuck}]),
         ],
     }
     promtool_test(tmp_path, b, [test])

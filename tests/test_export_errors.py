@@ -91,6 +91,10 @@ BAD_REQUESTS = {
     "non-positive bucket": ({"buckets": (0,)}, r"bucket 0 is not a positive multiple of 16"),
     "unknown format": ({"artifact_format": "tflite"}, r"unknown format 'tflite'"),
     "unknown precision": ({"precision": "int4"}, r"unknown precision 'int4'"),
+    "unknown instance kind": (
+        {"instance_kind": "tpu"},
+        r"unknown instance kind 'tpu'; choose one of auto, cpu, gpu",
+    ),
     "torchscript int8": (
         {"artifact_format": "torchscript", "precision": "int8"},
         r"TorchScript exports are fp32",

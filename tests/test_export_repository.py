@@ -39,13 +39,15 @@ def model():
 
 @pytest.fixture(scope="module")
 def repository(model, tmp_path_factory) -> Path:
-    """One ONNX backbone at two buckets and a TorchScript one at one bucket, in one repository."""
+    """One ONNX backbone at two buckets and a TorchScript one (placed on the GPU) at one bucket."""
     root = tmp_path_factory.mktemp("export-repo") / "model_repository"
     checkpoint = save_checkpoint(model, root.parent / "model.safetensors")
     common = {"model": MODEL, "checkpoint": checkpoint, "overrides": OVERRIDES, "repository": root}
     export_model(ExportRequest(**common, buckets=BUCKETS, name="pets", max_queue_delay_us=500), log=_quiet)
     export_model(
-        ExportRequest(**common, buckets=BUCKETS[:1], name="pets_ts", artifact_format="torchscript"),
+        ExportRequest(
+            **common, buckets=BUCKETS[:1], name="pets_ts", artifact_format="torchscript", instance_kind="gpu"
+        ),
         log=_quiet,
     )
     return root
@@ -98,7 +100,8 @@ def test_onnx_config_fields(repository, model):
     assert batching.max_queue_delay_microseconds == 500
     assert batching.preferred_batch_size and max(batching.preferred_batch_size) <= config.max_batch_size
     (group,) = config.instance_group
-    assert group.count == 1 and group.kind == mc.ModelInstanceGroup.KIND_CPU
+    # The default leaves placement to Triton: a GPU when the server has one, whatever the precision.
+    assert group.count == 1 and group.kind == mc.ModelInstanceGroup.KIND_AUTO
     params = {key: value.string_value for key, value in config.parameters.items()}
     assert params["backbone"] == "pets" and params["arch"] == MODEL
     assert params["attention"] == "global"
@@ -114,6 +117,8 @@ def test_torchscript_config_uses_libtorch_output_names(repository):
     assert config.platform == "pytorch_libtorch"
     assert config.default_model_filename == "model.pt"
     assert [o.name for o in config.output] == ["logits__0", "embedding__1"]
+    (group,) = config.instance_group
+    assert group.kind == mc.ModelInstanceGroup.KIND_GPU, "an fp32 entry exported for the GPU lands on it"
 
 
 def test_onnx_graph_agrees_with_config(repository):

@@ -18,11 +18,12 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from export import read_repository
-from service import api_v1, api_v2
+from service import api_repository, api_v1, api_v2
 from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
 from service.settings import Settings
 
-ROUTES = [r for r in (*api_v1.router.routes, *api_v2.router.routes) if isinstance(r, APIRoute)]
+ROUTERS = (api_v1.router, api_v2.router, api_repository.router)
+ROUTES = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
 
 
 def _dependencies(dependant: Dependant) -> Iterator[Dependant]:

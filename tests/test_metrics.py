@@ -1,4 +1,4 @@
-"""The Prometheus surface DESIGN.md promises: names, labels, buckets, isolation, scrape-time queue gauges."""
+"""The Prometheus surface ARCHITECTURE.md "Metrics" promises: names, labels, buckets, isolation, scrape-time queue gauges."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, Metrics
 
-# DESIGN.md "Metrics": family name (as the parser reports it), type, labels.
+# ARCHITECTURE.md "Metrics": family name (as the parser reports it), type, labels.
 DESIGNED = {
     "vitserve_request_duration_seconds": ("histogram", {"endpoint", "route", "model"}),
     "vitserve_queue_duration_seconds": ("histogram", {"model"}),

@@ -1,4 +1,4 @@
-"""Bad requests get the status DESIGN.md names and the JSON error body, and the server keeps serving.
+"""Bad requests get the status ARCHITECTURE.md "Errors" names and the JSON error body, and the server keeps serving.
 
 400 undecodable or missing image, 404 unknown model or path, 415 unsupported type, 422 invalid
 parameters: each case is sent to the shared gateway, then a normal request must still succeed.

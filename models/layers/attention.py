@@ -222,7 +222,11 @@ class NeighborhoodAttention(_MultiHeadProjection):
 class LinearAttention(_MultiHeadProjection):
     """Kernelized linear attention (Katharopoulos et al.) with phi(x) = elu(x) + 1.
 
-    out_i = phi(q_i) . sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)): cost linear in tokens.
+    out_i = phi(q_i) . sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + eps): cost linear in tokens.
+    It is computed with means instead of sums (eps scaled alike): the same ratio, but both products
+    stay of order one at any token count. The sums grow with tokens x head_dim and pass fp16's 65504
+    above about a thousand tokens, which made fp16 outputs zero or NaN at 672 px and up; phi(k) is
+    scaled by 1/N before the matmuls, so no fp16 intermediate holds a sum over tokens.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6):
@@ -232,10 +236,11 @@ class LinearAttention(_MultiHeadProjection):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         q, k, v = self.split_heads(x)
         q = F.elu(q) + 1.0
-        k = F.elu(k) + 1.0
+        tokens = k.shape[2]
+        k = (F.elu(k) + 1.0) / tokens
         kv = torch.matmul(k.transpose(-2, -1), v)
         normalizer = torch.matmul(q, k.sum(dim=2, keepdim=True).transpose(-2, -1))
-        return self.merge_heads(torch.matmul(q, kv) / (normalizer + self.eps))
+        return self.merge_heads(torch.matmul(q, kv) / (normalizer + self.eps / tokens))
 
 
 def build_attention(

@@ -5,17 +5,102 @@ Additive encodings (learned 1D, learned 2D, sinusoidal 2D) share one interface,
 Rotary (2D RoPE) and relative position bias act inside attention instead.
 
 Resolution behaviour: learned tables are interpolated to a new grid (bicubic for the 1D table
-viewed as 2D, linear for the row/column tables); sinusoidal, rotary and relative bias are
-functions of the coordinates and need no change.
+viewed as 2D, per axis and antialiased along an axis that shrinks, so a downscaled table is
+low-passed rather than aliased; linear for the row/column tables); sinusoidal, rotary and relative
+bias are functions of the coordinates and need no change. A relative-position-bias table follows a
+window change through `resize_relative_position_bias_table` (timm's `resize_rel_pos_bias_table`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 POS_EMBED_KINDS = ("learned_1d", "learned_2d", "sincos_2d", "rope_2d", "none")
+
+
+def resample_grid(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a (1, C, H, W) table to `size`, one axis at a time.
+
+    Upscaling is plain bicubic (align_corners=False, as timm and transformers do); an axis that
+    shrinks is antialiased (PyTorch's antialias=True: the kernel widened by the scale, Pillow's
+    filter), which a single 2D call could not do when one axis grows while the other shrinks.
+    Bicubic is separable, so two 1D passes equal one 2D pass up to rounding.
+    """
+    for axis, length in enumerate(size):
+        current = table.shape[2 + axis]
+        if current == length:
+            continue
+        target = list(table.shape[2:])
+        target[axis] = length
+        table = F.interpolate(
+            table, size=tuple(target), mode="bicubic", align_corners=False, antialias=length < current
+        )
+    return table
+
+
+def _geometric_offsets(source: int, target: int) -> torch.Tensor:
+    """Source offsets spaced by a geometric progression so the outermost lands near target // 2.
+
+    The ratio is found by bisection on [1.01, 1.5] to 1e-6 and the last midpoint used, step for step
+    as BEiT (and timm after it) do, so resized tables agree with theirs.
+    """
+    left, right = 1.01, 1.5
+    ratio = left
+    while right - left > 1e-6:
+        ratio = (left + right) / 2.0
+        if (1.0 - ratio ** (source // 2)) / (1.0 - ratio) > target // 2:
+            right = ratio
+        else:
+            left = ratio
+    offsets, current = [], 1.0
+    for i in range(source // 2):
+        offsets.append(current)
+        current += ratio ** (i + 1)
+    return torch.tensor([-o for o in reversed(offsets)] + [0.0] + offsets, dtype=torch.float64)
+
+
+def _linear_weights(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(targets, points) weights of piecewise-linear interpolation, clamped to the end values."""
+    targets = targets.clamp(float(points[0]), float(points[-1]))
+    right = torch.searchsorted(points, targets).clamp(1, len(points) - 1)
+    left = right - 1
+    span = points[right] - points[left]
+    frac = (targets - points[left]) / span
+    weights = torch.zeros(len(targets), len(points), dtype=torch.float64)
+    rows = torch.arange(len(targets))
+    weights[rows, left] += 1.0 - frac
+    weights[rows, right] += frac
+    return weights
+
+
+def resize_relative_position_bias_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """A ((2Wh-1)(2Ww-1), heads) Swin bias table resized to another window, as timm's
+    `resize_rel_pos_bias_table` does (its default, scipy-free path).
+
+    The source offsets are laid out by `_geometric_offsets` (denser near zero, where attention is
+    sharpest), the target offsets are the integers of the new table, and values are interpolated
+    bilinearly on that uneven grid (computed in float64, returned in the table's dtype).
+    """
+    entries, heads = table.shape
+    source = math.isqrt(entries)
+    if source * source != entries:
+        raise ValueError(f"relative position bias table with {entries} rows is not a square (2W-1)^2 table")
+    target = (2 * window[0] - 1, 2 * window[1] - 1)
+    if (source, source) == target:
+        return table
+    grids = []
+    for length in target:
+        half = float(length // 2)
+        grids.append(torch.arange(-half, half + 0.1, 1.0, dtype=torch.float64))
+    rows = _linear_weights(_geometric_offsets(source, target[0]), grids[0])
+    cols = _linear_weights(_geometric_offsets(source, target[1]), grids[1])
+    values = table.detach().to(torch.float64).t().reshape(heads, source, source)
+    resized = rows @ values @ cols.t()
+    return resized.reshape(heads, -1).t().contiguous().to(table.dtype)
 
 
 class LearnedPosEmbed1D(nn.Module):
@@ -36,7 +121,7 @@ class LearnedPosEmbed1D(nn.Module):
         patch = self.weight[:, self.num_prefix_tokens :]
         dim = patch.shape[-1]
         patch = patch.reshape(1, self.base_grid[0], self.base_grid[1], dim).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
+        patch = resample_grid(patch, grid)
         patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
         return x + torch.cat((prefix, patch), dim=1)
 

@@ -6,20 +6,25 @@ Every runtime reads the same model repository entry and returns outputs keyed by
 Selection, per entry (settings, env VITSERVE_*):
   RUNTIME         default for every entry: onnxruntime (embedded), torch or triton
   RUNTIMES        overrides by entry or backbone name, e.g. "vit_base=torch,swin_tiny=triton"
-  TRITON_URLS     the KServe v2 server of each triton entry, by entry, backbone or pool name
-                  (first match in that order), e.g. "global=grpc://triton-g:8001,windowed=http://p:8000"
+  TRITON_URLS     the KServe v2 servers of each triton entry, by entry, backbone or pool name
+                  (first match in that order), e.g. "global=dns+grpc://pool-g:8001,windowed=http://p:8000";
+                  addresses and balancing: see endpoints
+  ENDPOINT_CONCURRENCY, ENDPOINT_REFRESH_S, ENDPOINT_EJECT_S      see endpoints
   TRITON_TIMEOUT_MS, TRITON_CONNECT_TIMEOUT_MS, TRITON_BINARY    see triton_runtime
   TORCH_DEVICE, TORCH_PRECISION, TORCH_COMPILE                   see torch_runtime
 """
 
 from __future__ import annotations
 
-from typing import Protocol, get_args
+from typing import TYPE_CHECKING, Protocol, get_args
 
 import numpy as np
 
 from export.repository import ModelEntry
 from service.settings import RuntimeKind, Settings
+
+if TYPE_CHECKING:
+    from service.runtimes.endpoints import EndpointRegistry
 
 RUNTIMES = get_args(RuntimeKind)
 
@@ -32,8 +37,9 @@ class Runtime(Protocol):
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         """(B, 3, H, W) float32 -> {"logits": (B, C), "embedding": (B, D)}.
 
-        `deadline` (time.monotonic()) is the batch's earliest request deadline: remote runtimes send
-        it as the protocol's timeout; local ones cannot stop a started batch and ignore it.
+        `deadline` (time.monotonic()) is the batch's latest request deadline (None when a row has
+        none), so one short budget never fails co-batched long ones: remote runtimes send it as the
+        protocol's timeout; local ones cannot stop a started batch and ignore it.
         """
         ...
 
@@ -47,12 +53,18 @@ class RuntimeUnavailable(RuntimeError):
 
 
 def load_runtime(
-    kind: str, entry: ModelEntry, threads: int, settings: Settings | None = None, pool: str = ""
+    kind: str,
+    entry: ModelEntry,
+    threads: int,
+    settings: Settings | None = None,
+    pool: str = "",
+    endpoints: EndpointRegistry | None = None,
 ) -> Runtime:
     """Instantiate and warm up the runtime `kind` for `entry`.
 
-    torch reads its VITSERVE_TORCH_* options from `settings`; triton finds its server in
-    `settings.triton_urls` under the entry's name, its backbone or its `pool`, in that order.
+    torch reads its VITSERVE_TORCH_* options from `settings`; triton finds its address in
+    `settings.triton_urls` under the entry's name, its backbone or its `pool`, in that order, and
+    shares the endpoints of that address with the pool's other entries through `endpoints`.
     """
     settings = settings or Settings()
     if kind == "onnxruntime":
@@ -65,6 +77,7 @@ def load_runtime(
         options = TorchOptions(settings.torch_device, settings.torch_precision, settings.torch_compile)
         return TorchRuntime(entry, threads, options)
     if kind == "triton":
+        from service.runtimes.endpoints import EndpointRegistry
         from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
 
         url = settings.triton_url_for(entry.name, entry.backbone, pool)
@@ -81,5 +94,8 @@ def load_runtime(
             connect_timeout_s=settings.triton_connect_timeout_ms / 1000,
             binary=settings.triton_binary,
         )
-        return TritonRuntime(entry, target)
+        endpoints = endpoints or EndpointRegistry(
+            settings.endpoint_concurrency, settings.endpoint_refresh_s, settings.endpoint_eject_s
+        )
+        return TritonRuntime(entry, target, endpoints.get(url, pool))
     raise ValueError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")

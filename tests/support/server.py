@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 STARTUP_TIMEOUT_S = 180
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -59,8 +59,12 @@ class ServerProcess:
 
 
 def start_server(log_dir: Path, port: int | None = None, **settings: object) -> ServerProcess:
-    """Start `vitserve serve` with VITSERVE_* settings and wait until /v2/health/ready answers 200."""
-    port = port or free_port()
+    """Start `vitserve serve` with VITSERVE_* settings and wait until /v2/health/ready answers 200.
+
+    `host` may be any 127.0.0.0/8 address, so several servers can stand for pods with their own IPs.
+    """
+    host = str(settings.get("host", "127.0.0.1"))
+    port = port or free_port(host)
     env = {
         **os.environ,
         "VITSERVE_HOST": "127.0.0.1",
@@ -78,7 +82,7 @@ def start_server(log_dir: Path, port: int | None = None, **settings: object) -> 
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[2],
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", port, process, log_path)
+    server = ServerProcess(f"http://{host}:{port}", port, process, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

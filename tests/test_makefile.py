@@ -1,0 +1,113 @@
+"""`make serve` and `make export` honour every VITSERVE_* variable: the Makefile passes a flag only for a
+make variable given on its command line, so a Makefile default never overrides the environment.
+
+`-o .venv/.installed` keeps make from reinstalling the (shared) virtualenv; everything else is the
+real Makefile, and the last test runs the real `make serve` on a port chosen through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from service.settings import Settings
+from support.server import PNG, SMALL_PNG, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP_VENV = ("-o", ".venv/.installed")
+
+
+def make_dry_run(target: str, *assignments: str, env: dict[str, str] | None = None) -> list[str]:
+    """The commands `make -n TARGET` would run, one per line."""
+    result = subprocess.run(
+        ["make", "-n", *KEEP_VENV, target, *assignments],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def serve_line(lines: list[str]) -> list[str]:
+    (line,) = [line for line in lines if "service.cli serve" in line]
+    return line.split()
+
+
+def test_no_flag_overrides_any_vitserve_variable(tmp_path: Path) -> None:
+    """With every setting in the environment, `make serve` passes no flag but the repository, and that
+    one is the environment's: the server reads each VITSERVE_* value itself."""
+    repository = tmp_path / "repo"
+    env = {f"VITSERVE_{name.upper()}": "1" for name in Settings.model_fields}
+    env["VITSERVE_REPOSITORY"] = str(repository)
+    words = serve_line(make_dry_run("serve", env=env))
+    flags = [word for word in words if word.startswith("--")]
+    assert flags == ["--repository"], words
+    assert words[words.index("--repository") + 1] == str(repository)
+
+
+def test_export_writes_into_the_environment_repository(tmp_path: Path) -> None:
+    """`make export` builds the first bucket of both backbones, then the others, all in VITSERVE_REPOSITORY."""
+    repository = tmp_path / "elsewhere"
+    lines = make_dry_run(
+        "export",
+        "GLOBAL_BUCKETS=224,384",
+        "WINDOWED_BUCKETS=448,896",
+        env={"VITSERVE_REPOSITORY": str(repository)},
+    )
+    exports = [line for line in lines if "service.cli export" in line]
+    assert [line.count(f"--repository {repository} &") for line in exports] == [2, 2], lines
+    first, others = (re.findall(r"--buckets (\S+)", line) for line in exports)
+    assert (first, others) == (["224", "448"], ["384", "896"])
+    assert lines[-1] == f"touch {repository}/.default-complete"
+
+
+def test_command_line_variables_become_flags() -> None:
+    words = serve_line(make_dry_run("serve", "HOST=127.0.0.2", "PORT=9123", "POLL_S=2.5"))
+    assert words[words.index("--host") + 1] == "127.0.0.2"
+    assert words[words.index("--port") + 1] == "9123"
+    assert words[words.index("--poll-s") + 1] == "2.5"
+
+
+def test_make_serve_listens_on_vitserve_port(photo_repository: Path, tmp_path: Path) -> None:
+    """The issue's case: `VITSERVE_PORT=N make serve` must listen on N (it listened on 8000)."""
+    repository = tmp_path / "repo"
+    shutil.copytree(photo_repository, repository)
+    for stamp in (".first-buckets-complete", ".default-complete"):
+        (repository / stamp).touch()
+    port = free_port()
+    env = {**os.environ, "VITSERVE_PORT": str(port), "VITSERVE_REPOSITORY": str(repository)}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["make", *KEEP_VENV, "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, f"make serve to listen on {port}", timeout=180, interval=0.2)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/classify", content=SMALL_PNG, headers=PNG, timeout=60
+        )
+        assert response.status_code == 200, response.text
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
