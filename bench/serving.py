@@ -48,7 +48,7 @@ RAW_POLICY = "always"
 DEFAULT_POLICY = Settings.model_fields["ort_spinning"].default
 
 
-def _photo_jpeg(size: int) -> bytes:
+def photo_jpeg(size: int) -> bytes:
     """A real photograph (scikit-image's astronaut) as a size x size JPEG, like a client would send."""
     from skimage import data
 
@@ -57,7 +57,7 @@ def _photo_jpeg(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _global_entry(root: Path, reuse: bool) -> ModelEntry:
+def global_entry(root: Path, reuse: bool) -> ModelEntry:
     """The global 224 entry of the gateway's repository at `root`, exported there unless `reuse`.
 
     The repository holds the global backbone at 224 and a windowed backbone at 448 (never hit here).
@@ -92,9 +92,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         repository = args.repository or root / "repository"
-        entry = _global_entry(repository, reuse=args.repository is not None)
+        entry = global_entry(repository, reuse=args.repository is not None)
         body = root / "photo.jpg"
-        body.write_bytes(_photo_jpeg(224))
+        body.write_bytes(photo_jpeg(224))
         raw = OnnxRuntime(entry, args.threads, RAW_POLICY)
         cells = {("raw", RAW_POLICY, b): _raw_runner(raw, b) for b in BATCHES}
         path = f"/v1/classify?route=global&bucket={entry.bucket}"
