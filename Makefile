@@ -35,20 +35,20 @@ bucket_list = $(subst $(comma), ,$(1))
 first_bucket = $(firstword $(call bucket_list,$(1)))
 other_buckets = $(subst $(eval) ,$(comma),$(wordlist 2,99,$(call bucket_list,$(1))))
 # Export both backbones at once (tracing is mostly one Python thread); fails if either fails, and a
-# backbone without buckets to export is skipped.
-export_one = $(if $(3),$(VITSERVE) export --model $(1) --name $(2) --buckets $(3) --repository $(REPOSITORY),true)
-export_both = $(call export_one,$(GLOBAL_MODEL),vit_global,$(1)) & g=$$!; \
-	$(call export_one,$(WINDOWED_MODEL),swin_windowed,$(2)) & w=$$!; \
+# backbone without buckets to export is skipped. $(3) prefixes each command (e.g. with nice).
+export_one = $(if $(3),$(4)$(VITSERVE) export --model $(1) --name $(2) --buckets $(3) --repository $(REPOSITORY),true)
+export_both = $(call export_one,$(GLOBAL_MODEL),vit_global,$(1),$(3)) & g=$$!; \
+	$(call export_one,$(WINDOWED_MODEL),swin_windowed,$(2),$(3)) & w=$$!; \
 	wait $$g; gs=$$?; wait $$w; ws=$$?; [ $$gs -eq 0 ] && [ $$ws -eq 0 ]
-OTHER_EXPORTS = $(call export_both,$(call other_buckets,$(GLOBAL_BUCKETS)),$(call other_buckets,$(WINDOWED_BUCKETS)))
+other_exports = $(call export_both,$(call other_buckets,$(GLOBAL_BUCKETS)),$(call other_buckets,$(WINDOWED_BUCKETS)),$(1))
 
 .PHONY: install test lint serve export bench bench-peers clean mlserver-env tools
 
-# Serving needs no test or benchmark extras; skipping byte-compilation at install saves more than
-# compiling on first import costs (only imported modules are compiled).
+# Serving needs no test or benchmark extras (torch is a dependency, pinned in pyproject.toml: one
+# resolver pass); skipping byte-compilation at install saves more than compiling on first import
+# costs (only imported modules are compiled).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0
 	$(BIN)/pip install --quiet --no-compile -e .
 	touch $(STAMP)
 
@@ -70,6 +70,7 @@ mlserver-env: $(MLSERVER_STAMP)
 # promtool (Debian's prometheus package) checks the deploy rules; kubectl with kustomize ships with the machine image.
 tools:
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 
 $(FIRST_STAMP): | $(STAMP)
@@ -77,15 +78,16 @@ $(FIRST_STAMP): | $(STAMP)
 	touch $(FIRST_STAMP)
 
 $(REPOSITORY_STAMP): $(FIRST_STAMP)
-	$(OTHER_EXPORTS)
+	$(call other_exports)
 	touch $(REPOSITORY_STAMP)
 
 export: $(REPOSITORY_STAMP)
 
-# The first request needs one bucket per backbone; the rest export beside the running server.
+# The first request needs one bucket per backbone; the rest export beside the running server, at a
+# lower priority so that start-up and requests keep the cores.
 serve: $(STAMP) $(FIRST_STAMP)
 	@test -e $(REPOSITORY_STAMP) || { echo "exporting the other buckets in the background (log: $(REPOSITORY)/.export.log)"; \
-		{ { $(OTHER_EXPORTS); } && touch $(REPOSITORY_STAMP); } > $(REPOSITORY)/.export.log 2>&1 & }
+		{ { $(call other_exports,nice -n 10 ); } && touch $(REPOSITORY_STAMP); } > $(REPOSITORY)/.export.log 2>&1 & }
 	VITSERVE_POLL_S=$${VITSERVE_POLL_S:-$(if $(wildcard $(REPOSITORY_STAMP)),0,$(LAZY_POLL_S))} \
 		$(VITSERVE) serve --repository $(REPOSITORY) $(SERVE_FLAGS)
 

@@ -70,3 +70,21 @@ def attention_lines(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def phase_bars(rows: Sequence[Mapping[str, Any]], phases: Sequence[str], title: str, path: Path) -> None:
+    """One horizontal bar per run, split into its phases (seconds), with the total at its end."""
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))
+    for index, row in enumerate(rows):
+        left = 0.0
+        for phase in phases:
+            ax.barh(index, row[phase], left=left, label=phase if index == 0 else None)
+            left += row[phase]
+        ax.annotate(f"{left:.0f} s", (left, index), xytext=(4, 0), textcoords="offset points", va="center")
+    ax.set_yticks(range(len(rows)), [row["run"] for row in rows])
+    ax.set_xlabel("seconds from `make serve`")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -5,7 +5,7 @@ Fused mode targets opset 23, where `F.scaled_dot_product_attention` (with its bi
 backend with frozen parameters so masked/windowed attention lowers cleanly (pytorch#141107).
 Unfused mode targets opset 18 for runtimes without the opset-23 op: attention decomposes into
 MatMul/Softmax/MatMul. The batch axis is dynamic and unbounded (the entry's max_batch_size is
-Triton's to enforce); spatial size is fixed per bucket.
+Triton's to enforce); spatial size is fixed per shape (bucket).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from export.shapes import ShapeSpec, as_shape
+
 FUSED_OPSET = 23
 UNFUSED_OPSET = 18
 INPUT_NAME = "pixel_values"
@@ -28,13 +30,13 @@ OUTPUT_NAMES = ("logits", "embedding")
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def export_onnx(model: nn.Module, bucket: int, path: Path, *, fused: bool = True) -> None:
-    """Write `model` at input size bucket x bucket to `path` (ONNX, external data inlined)."""
+def export_onnx(model: nn.Module, bucket: ShapeSpec, path: Path, *, fused: bool = True) -> None:
+    """Write `model` at input shape `bucket` (side or (height, width)) to `path` (ONNX, external data inlined)."""
     model = model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     in_chans = model.config.in_chans
-    example = torch.zeros(2, in_chans, bucket, bucket)
+    example = torch.zeros(2, in_chans, *as_shape(bucket))
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -20,6 +20,7 @@ from export.onnx_export import export_onnx
 from export.precision import PRECISIONS, convert_precision
 from export.progress import Progress
 from export.repository import ModelEntry, ensure_writable, publish, read_entry, remove_created, staging
+from export.shapes import ShapeSpec, as_shape, aspect_ladder, shape_name
 from export.torchscript_export import export_pt2, export_torchscript
 from export.triton_config import (
     INSTANCE_KINDS,
@@ -48,7 +49,8 @@ class ExportRequest:
 
     model: str
     repository: Path
-    buckets: tuple[int, ...] = ()
+    buckets: tuple[ShapeSpec, ...] = ()
+    ladders: tuple[int, ...] = ()
     checkpoint: Path | None = None
     artifact_format: str = "onnx"
     precision: str = "fp32"
@@ -60,23 +62,30 @@ class ExportRequest:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
-def default_max_batch(bucket: int) -> int:
-    """Batch cap for a bucket: a constant pixel budget, so high-resolution batches stay small."""
-    return max(1, min(MAX_BATCH_CAP, PIXEL_BUDGET // (bucket * bucket)))
+def default_max_batch(bucket: ShapeSpec) -> int:
+    """Largest batch config.pbtxt allows for a shape: a constant pixel budget, so large shapes batch less.
+
+    The service measures the best batch within this cap at start-up (service/calibration.py).
+    """
+    height, width = as_shape(bucket)
+    return max(1, min(MAX_BATCH_CAP, PIXEL_BUDGET // (height * width)))
 
 
-def validate_buckets(config: BackboneConfig, buckets: tuple[int, ...], model: str) -> tuple[int, ...]:
-    """Buckets must be positive multiples of patch x window so the first stage needs no padding."""
+def validate_buckets(
+    config: BackboneConfig, buckets: tuple[ShapeSpec, ...], model: str
+) -> tuple[ShapeSpec, ...]:
+    """Both sides of every shape must be positive multiples of patch x window so the first stage needs no padding."""
     buckets = buckets or (config.img_size,)
     multiple = config.bucket_multiple
     for bucket in buckets:
-        if bucket <= 0 or bucket % multiple:
-            lower = max(multiple, bucket // multiple * multiple)
-            raise ExportError(
-                f"bucket {bucket} is not a positive multiple of {multiple} (patch {config.patch_size}"
-                f"{f' x window {config.window}' if config.window else ''}) for {model}; "
-                f"try {lower} or {lower + multiple}"
-            )
+        for side in dict.fromkeys(as_shape(bucket)):
+            if side <= 0 or side % multiple:
+                lower = max(multiple, side // multiple * multiple)
+                raise ExportError(
+                    f"bucket {shape_name(bucket)} is not a positive multiple of {multiple} (patch {config.patch_size}"
+                    f"{f' x window {config.window}' if config.window else ''}) for {model}; "
+                    f"try {lower} or {lower + multiple}"
+                )
     return tuple(dict.fromkeys(buckets))
 
 
@@ -118,7 +127,9 @@ def _build_model(request: ExportRequest) -> nn.Module:
         raise ExportError(f"cannot build {request.model}{source}: {exc}") from exc
 
 
-def _write_artifacts(model: nn.Module, request: ExportRequest, bucket: int, version_dir: Path, log) -> None:
+def _write_artifacts(
+    model: nn.Module, request: ExportRequest, bucket: ShapeSpec, version_dir: Path, log
+) -> None:
     """Export and verify one bucket; an exporter crash becomes an ExportError naming what was exported."""
     try:
         _export_and_verify(model, request, bucket, version_dir, log)
@@ -126,12 +137,14 @@ def _write_artifacts(model: nn.Module, request: ExportRequest, bucket: int, vers
         raise
     except Exception as exc:
         raise ExportError(
-            f"{request.artifact_format}/{request.precision} export of {request.model} at bucket {bucket} failed "
+            f"{request.artifact_format}/{request.precision} export of {request.model} at bucket {shape_name(bucket)} failed "
             f"({type(exc).__name__}: {exc}); nothing was written"
         ) from exc
 
 
-def _export_and_verify(model: nn.Module, request: ExportRequest, bucket: int, version_dir: Path, log) -> None:
+def _export_and_verify(
+    model: nn.Module, request: ExportRequest, bucket: ShapeSpec, version_dir: Path, log
+) -> None:
     target = version_dir / MODEL_FILENAMES[request.artifact_format]
     if request.artifact_format == "torchscript":
         export_torchscript(model, bucket, target)
@@ -151,10 +164,10 @@ def _export_and_verify(model: nn.Module, request: ExportRequest, bucket: int, ve
     log(f"  onnx/{request.precision}: {report.summary()}")
 
 
-def entry_spec(request: ExportRequest, config: BackboneConfig, bucket: int) -> EntrySpec:
+def entry_spec(request: ExportRequest, config: BackboneConfig, bucket: ShapeSpec) -> EntrySpec:
     """What `request` writes into the config.pbtxt of its entry at `bucket`, known before any export runs."""
     return EntrySpec(
-        name=f"{request.name or request.model}_{bucket}",
+        name=f"{request.name or request.model}_{shape_name(bucket)}",
         backbone=request.name or request.model,
         arch=request.model,
         config=config,
@@ -163,7 +176,7 @@ def entry_spec(request: ExportRequest, config: BackboneConfig, bucket: int) -> E
         precision=request.precision,
         max_batch_size=request.max_batch_size or default_max_batch(bucket),
         max_queue_delay_us=request.max_queue_delay_us,
-        tokens=estimate_cost(config, bucket, bucket).tokens,
+        tokens=estimate_cost(config, *as_shape(bucket)).tokens,
         instance_kind=request.instance_kind,
     )
 
@@ -173,7 +186,8 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
     _check_request(request)
     model = _build_model(request)
     config = model.config
-    buckets = validate_buckets(config, tuple(request.buckets), request.model)
+    ladder = tuple(s for side in request.ladders for s in aspect_ladder(side, config.bucket_multiple))
+    buckets = validate_buckets(config, (*request.buckets, *ladder), request.model)
     root = Path(request.repository)
     created = ensure_writable(root)
     backbone = request.name or request.model
@@ -181,7 +195,7 @@ def export_model(request: ExportRequest, log: Callable[[str], None] = print) -> 
     progress = Progress(len(buckets))
     try:
         for bucket in buckets:
-            entry = f"{backbone}_{bucket}"
+            entry = f"{backbone}_{shape_name(bucket)}"
             log(f"exporting {request.model} as {entry} ({request.artifact_format}/{request.precision})")
             with staging(root, entry) as stage:
                 staged.append((entry, stage))

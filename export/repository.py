@@ -1,6 +1,7 @@
 """The Triton-layout model repository: atomic writes by export, typed reads by the service.
 
-Layout (one entry per backbone and resolution bucket):
+Layout (one entry per backbone and input shape; `<entry>` is `<backbone>_<S>` for a square S x S,
+`<backbone>_<H>x<W>` otherwise, see export/shapes.py):
     <repository>/<entry>/config.pbtxt
     <repository>/<entry>/labels.txt
     <repository>/<entry>/<version>/model.onnx | model.pt (+ model.pt2)
@@ -22,6 +23,7 @@ from pathlib import Path
 from google.protobuf.text_format import ParseError
 
 from export.errors import ExportError
+from export.shapes import Shape, as_shape, parse_shape
 from export.triton_config import LABELS_FILENAME, parse_text
 from models.config import BackboneConfig
 
@@ -30,7 +32,11 @@ STAGING_PREFIX = ".staging-"
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One servable entry as the gateway and runtimes see it."""
+    """One servable entry as the gateway and runtimes see it.
+
+    `shape` is the (height, width) the artifact takes; `bucket` is its long side (the side of a
+    square bucket), kept for the square-bucket routing policy and metrics.
+    """
 
     name: str
     path: Path
@@ -40,7 +46,7 @@ class ModelEntry:
     backbone: str
     arch: str
     config: BackboneConfig
-    bucket: int
+    shape: Shape
     tokens: int
     precision: str
     attention: tuple[str, ...]
@@ -51,6 +57,10 @@ class ModelEntry:
     logits_name: str
     embedding_name: str
     labels: tuple[str, ...]
+
+    @property
+    def bucket(self) -> int:
+        return max(self.shape)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -98,7 +108,7 @@ def read_entry(path: Path) -> ModelEntry:
         backbone=params["backbone"],
         arch=params["arch"],
         config=BackboneConfig.from_dict(json.loads(params["model_config"])),
-        bucket=int(params["bucket"]),
+        shape=as_shape(parse_shape(params["bucket"])),
         tokens=int(params["tokens"]),
         precision=params.get("precision", "fp32"),
         attention=tuple(params["attention"].split(",")),
@@ -113,14 +123,14 @@ def read_entry(path: Path) -> ModelEntry:
 
 
 def read_repository(root: Path) -> list[ModelEntry]:
-    """Every entry under `root`, sorted by (backbone, bucket); staging directories are ignored."""
+    """Every entry under `root`, sorted by (backbone, shape); staging directories are ignored."""
     root = Path(root)
     if not root.is_dir():
         raise ExportError(
             f"model repository {root} does not exist; build it with `make export` or `vitserve export`"
         )
     entries = [read_entry(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    return sorted(entries, key=lambda e: (e.backbone, e.bucket))
+    return sorted(entries, key=lambda e: (e.backbone, e.shape))
 
 
 def ensure_writable(root: Path) -> list[Path]:

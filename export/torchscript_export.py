@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.shapes import ShapeSpec, as_shape
+
 SDPA_OP = "aten::scaled_dot_product_attention"
 
 
@@ -23,9 +25,9 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_torchscript(model: nn.Module, bucket: int, path: Path) -> None:
-    """Trace `model` at bucket x bucket and save it as TorchScript."""
-    example = torch.zeros(2, model.config.in_chans, bucket, bucket)
+def export_torchscript(model: nn.Module, bucket: ShapeSpec, path: Path) -> None:
+    """Trace `model` at input shape `bucket` (side or (height, width)) and save it as TorchScript."""
+    example = torch.zeros(2, model.config.in_chans, *as_shape(bucket))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(_frozen(model), example, strict=False)
@@ -52,13 +54,13 @@ class _PlainOutputs(nn.Module):
         return logits, embedding
 
 
-def export_pt2(model: nn.Module, bucket: int, path: Path) -> None:
+def export_pt2(model: nn.Module, bucket: ShapeSpec, path: Path) -> None:
     """torch.export the model with a dynamic, unbounded batch axis and save the ExportedProgram.
 
     An upper bound would become a runtime guard in the loaded program, failing any batch the
     entry's max_batch_size (or a runtime padding batches to a power of two) allows beyond it.
     """
-    example = torch.zeros(2, model.config.in_chans, bucket, bucket)
+    example = torch.zeros(2, model.config.in_chans, *as_shape(bucket))
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(_PlainOutputs(_frozen(model)), (example,), dynamic_shapes=({0: batch},))

@@ -2,7 +2,8 @@
 
 Generating the text proto from `model_config_pb2.ModelConfig` (shipped by tritonclient) means the
 file is valid by construction; `parameters` carry what vitserve's gateway needs to serve the entry
-without loading the model first (backbone, arch, attention, patch, window, bucket, mean/std, labels).
+without loading the model first (backbone, arch, attention, patch, window, bucket, labels, and the
+checkpoint's preprocessing: mean/std, interpolation, resize policy, crop_pct).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.shapes import ShapeSpec, as_shape, shape_name
 from models.config import BackboneConfig
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
@@ -42,7 +44,7 @@ class EntrySpec:
     backbone: str
     arch: str
     config: BackboneConfig
-    bucket: int
+    bucket: ShapeSpec
     artifact_format: str
     precision: str
     max_batch_size: int
@@ -65,9 +67,7 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
         max_batch_size=spec.max_batch_size,
         default_model_filename=MODEL_FILENAMES[spec.artifact_format],
     )
-    config.input.add(
-        name="pixel_values", data_type=mc.TYPE_FP32, dims=[cfg.in_chans, spec.bucket, spec.bucket]
-    )
+    config.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[cfg.in_chans, *as_shape(spec.bucket)])
     config.output.add(
         name=logits_name,
         data_type=mc.TYPE_FP32,
@@ -86,12 +86,15 @@ def build_model_config(spec: EntrySpec) -> mc.ModelConfig:
         "attention": ",".join(dict.fromkeys(cfg.attention_kinds)),
         "patch_size": str(cfg.patch_size),
         "window_size": str(cfg.window),
-        "bucket": str(spec.bucket),
+        "bucket": shape_name(spec.bucket),
         "tokens": str(spec.tokens),
         "precision": spec.precision,
         "labels_file": LABELS_FILENAME,
         "mean": _float_list(cfg.mean),
         "std": _float_list(cfg.std),
+        "interpolation": cfg.interpolation,
+        "resize": cfg.resize,
+        "crop_pct": repr(float(cfg.crop_pct)),
         "model_config": json.dumps(cfg.to_dict(), separators=(",", ":")),
     }
     for key, value in parameters.items():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from export.errors import VerificationError
+from export.shapes import ShapeSpec, as_shape, shape_name
 from export.torchscript_export import count_sdpa_ops
 
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -129,14 +130,14 @@ def non_finite_problems(outputs: Mapping[str, np.ndarray], source: str) -> list[
     return problems
 
 
-def fresh_input(model: nn.Module, bucket: int, batch: int = VERIFY_BATCH) -> np.ndarray:
+def fresh_input(model: nn.Module, bucket: ShapeSpec, batch: int = VERIFY_BATCH) -> np.ndarray:
     """Normalized-pixel-like random input from a fresh seed, so no export is checked on one lucky sample."""
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    return torch.randn(batch, model.config.in_chans, bucket, bucket, generator=generator).numpy()
+    return torch.randn(batch, model.config.in_chans, *as_shape(bucket), generator=generator).numpy()
 
 
 def verify_artifact(
-    model: nn.Module, path: Path, artifact_format: str, precision: str, bucket: int, fused: bool = True
+    model: nn.Module, path: Path, artifact_format: str, precision: str, bucket: ShapeSpec, fused: bool = True
 ) -> VerificationReport:
     """Compare the artifact with `model`; raise VerificationError (with the numbers) on any failure."""
     runners = {"onnx": onnx_runner, "torchscript": torchscript_runner, "pt2": pt2_runner}
@@ -150,7 +151,7 @@ def verify_artifact(
     )
     if non_finite:
         raise VerificationError(
-            f"{artifact_format}/{precision} export at bucket {bucket} failed verification: "
+            f"{artifact_format}/{precision} export at bucket {shape_name(bucket)} failed verification: "
             + "; ".join(non_finite)
             + ". Non-finite reference outputs come from the weights (check the checkpoint for NaN/inf); "
             "non-finite artifact outputs only, from the export precision (try fp32)"
@@ -176,7 +177,7 @@ def verify_artifact(
     problems += _structure_problems(path, artifact_format, fused, report)
     if problems:
         raise VerificationError(
-            f"{artifact_format}/{precision} export at bucket {bucket} failed verification: "
+            f"{artifact_format}/{precision} export at bucket {shape_name(bucket)} failed verification: "
             + "; ".join(problems)
             + f" ({report.summary()})"
         )

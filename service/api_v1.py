@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 
 from export.repository import ModelEntry
-from service.dependencies import deadline, get_state, observed, read_body, ready_state, unless_disconnected
-from service.errors import APIError
-from service.imaging import DecodedImage, check_content_type, decode_image, probe_image
-from service.preprocess import preprocess
+from export.shapes import shape_name
+from service.accounting import request_record
+from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
+from service.dependencies import deadline, get_state, ready_state, unless_disconnected
+from service.imaging import DecodedImage, ImageHeader, check_content_type, decode_image, probe_image
+from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
 from service.schemas import (
     ClassifyResponse,
@@ -26,26 +28,37 @@ from service.schemas import (
     RouteResponse,
     Timings,
 )
+from service.settings import Settings
 from service.state import ServingState
 
 router = APIRouter(prefix="/v1", tags=["v1"])
-ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 413, 415, 422, 429, 503, 504)}
+ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 408, 413, 415, 422, 429, 503, 504)}
 Pool = Literal["global", "windowed"]
 
 
 @dataclass(frozen=True)
 class RouteOverrides:
-    """What a request forces instead of the automatic routing decision."""
+    """What a request asks of the routing decision: forced model/pool/bucket, its latency budget, full detail."""
 
     model: str | None = None
     pool: Pool | None = None
     bucket: int | None = None
+    budget_ms: float | None = None
+    full_detail: bool = False
 
     def route(self, state: ServingState, height: int, width: int) -> Route:
         model = self.model
         if self.pool is not None and model is None:
             model = {pool: backbone for backbone, pool in state.router.pools.items()}[self.pool]
-        return state.router.route(height, width, override_model=model, override_bucket=self.bucket)
+        return state.router.route(
+            height,
+            width,
+            override_model=model,
+            override_bucket=self.bucket,
+            budget_ms=self.budget_ms,
+            full_detail=self.full_detail,
+            waits=state.pool_waits(),
+        )
 
 
 async def route_overrides(
@@ -53,124 +66,162 @@ async def route_overrides(
     pool: Annotated[
         Pool | None, Query(alias="route", description="Force the global or windowed pool.")
     ] = None,
-    bucket: Annotated[int | None, Query(gt=0, description="Force this resolution bucket.")] = None,
+    bucket: Annotated[int | None, Query(gt=0, description="Force this square resolution bucket.")] = None,
+    detail: Annotated[
+        Literal["auto", "full"],
+        Query(description="full: the most detail whatever the budget and the queues (no degradation)."),
+    ] = "auto",
+    timeout_ms: Annotated[
+        float | None, Query(gt=0, description="Per-request deadline and latency budget in ms.")
+    ] = None,
+    budget_ms: Annotated[
+        float | None, Query(gt=0, description="Latency budget in ms (GET /v1/route; default timeout_ms).")
+    ] = None,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0)] = None,
 ) -> RouteOverrides:
-    return RouteOverrides(model, pool, bucket)
+    """The budget is budget_ms, else timeout_ms, else X-Request-Timeout-Ms, else settings.target_latency_ms."""
+    return RouteOverrides(
+        model, pool, bucket, budget_ms or timeout_ms or x_request_timeout_ms, detail == "full"
+    )
 
 
 Overrides = Annotated[RouteOverrides, Depends(route_overrides)]
 
 
+@dataclass(frozen=True)
 class RoutedImage:
-    """One decoded, routed and preprocessed request image."""
+    """One served request image: where it went, what it was, how long each step took."""
 
-    def __init__(
-        self, route: Route, entry: ModelEntry, decoded: DecodedImage, pixels: np.ndarray, timings: dict
-    ):
-        self.route, self.entry, self.decoded, self.pixels, self.timings = (
-            route,
-            entry,
-            decoded,
-            pixels,
-            timings,
-        )
+    route: Route
+    entry: ModelEntry
+    decoded: DecodedImage
+    timings: dict
 
 
 def _route_info(route: Route, entry: ModelEntry) -> RouteInfo:
-    return RouteInfo(
-        model=route.model,
-        entry=entry.name,
-        pool=route.pool,
-        bucket=route.bucket,
-        tokens=route.tokens,
-        image_tokens=route.image_tokens,
-        scale=route.scale,
-        resized=route.resized,
-        resize_mode=route.resize_mode,
-        reason=route.reason,
+    """The route as the API reports it, with the resize mode the entry is actually served with."""
+    return RouteInfo.model_validate(
+        {**route.to_dict(), "resize_mode": served_mode(route.resize_mode, entry.config.resize)}
     )
 
 
-def _prepare(state: ServingState, data: bytes, overrides: RouteOverrides) -> RoutedImage:
-    """Probe, route, decode and preprocess in one worker-thread hop."""
-    settings = state.settings
+def _decode(header: ImageHeader, route: Route, entry: ModelEntry, settings: Settings) -> tuple:
+    """Decode and preprocess one admitted image on its pool's decode threads."""
     started = time.perf_counter()
-    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
-    route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.model, route.bucket)
+    recipe = entry.config
+    mode = served_mode(route.resize_mode, recipe.resize)
     decoded = decode_image(
         header,
         max_bytes=settings.max_body_bytes,
         max_pixels=settings.max_pixels,
-        target_side=route.bucket,
-        mode=route.resize_mode,
+        target_side=decode_side(
+            route.target_side if mode == route.resize_mode else max(route.shape), mode, recipe.crop_pct
+        ),
+        mode=mode,
     )
     decoded_at = time.perf_counter()
     pixels = preprocess(
         decoded.pixels,
-        route.bucket,
+        route.shape,
         entry.mean,
         entry.std,
-        route.resize_mode,
+        mode,
         original_size=decoded.original_size,
+        interpolation=recipe.interpolation,
+        crop_pct=recipe.crop_pct,
     )
     done = time.perf_counter()
-    timings = {"decode_ms": (decoded_at - started) * 1e3, "preprocess_ms": (done - decoded_at) * 1e3}
-    return RoutedImage(route, entry, decoded, pixels, timings)
+    return (
+        decoded,
+        pixels,
+        {"decode_ms": (decoded_at - started) * 1e3, "preprocess_ms": (done - decoded_at) * 1e3},
+    )
 
 
-async def _image_bytes(request: Request, state: ServingState) -> bytes:
-    """Raw image body (Content-Type image/*) or the multipart field `image`."""
+async def _image_bytes(request: Request, state: ServingState, request_deadline: float) -> bytes:
+    """Raw image body (Content-Type image/*) or the multipart field `image`, both read under the limits."""
     content_type = request.headers.get("content-type", "")
     limit = state.settings.max_body_bytes
     if content_type.startswith("multipart/form-data"):
-        body_limit_check = request.headers.get("content-length")
-        if body_limit_check and body_limit_check.isdigit() and int(body_limit_check) > limit + 64 * 1024:
-            raise APIError(413, "payload_too_large", f"request body exceeds the {limit}-byte limit")
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise APIError(400, "missing_image", "multipart body needs a file field named 'image'")
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise APIError(413, "payload_too_large", f"image exceeds the {limit}-byte limit")
-        check_content_type(upload.content_type if upload.content_type != "application/octet-stream" else None)
+        body = await read_body(request, limit + MULTIPART_OVERHEAD, request_deadline)
+        data, part_type = await image_part(request.headers, body, limit)
+        check_content_type(part_type if part_type != "application/octet-stream" else None)
         return data
-    data = await read_body(request, limit)
+    data = await read_body(request, limit, request_deadline)
     check_content_type(content_type or None)
     return data
 
 
+async def read_and_route(
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
+) -> tuple[ImageHeader, Route, ModelEntry]:
+    """Read the body under its limits, probe the header and route it; no pixel is decoded yet."""
+    settings = state.settings
+    data = await _image_bytes(request, state, request_deadline)
+    header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+    route = overrides.route(state, header.height, header.width)
+    entry = state.entry_for(route.entry)
+    record = request_record(request)
+    record.route, record.model = route.pool, route.model
+    state.metrics.route_decisions.labels(route.pool, shape_name(route.shape)).inc()
+    if route.degraded:
+        state.metrics.route_degraded.labels(route.pool).inc()
+    return header, route, entry
+
+
+async def decode_routed(
+    request: Request, state: ServingState, header: ImageHeader, route: Route, entry: ModelEntry
+) -> tuple[DecodedImage, np.ndarray, dict]:
+    """Decode and preprocess on the route's pool decode threads; dropped if the client leaves."""
+    decoded, pixels, timings = await unless_disconnected(
+        request, state.decode(route.pool, _decode, header, route, entry, state.settings)
+    )
+    state.metrics.preprocess_duration.labels(route.pool).observe(
+        (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
+    )
+    return decoded, pixels, timings
+
+
 async def _run(
-    request: Request, state: ServingState, endpoint: str, overrides: RouteOverrides, request_deadline: float
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
 ) -> tuple[RoutedImage, dict[str, np.ndarray]]:
-    """Shared path of classify and embed: read, prepare off the loop, batch, return outputs and timings."""
-    metrics = state.metrics
-    with observed(metrics, endpoint) as record:
-        started = time.perf_counter()
-        data = await _image_bytes(request, state)
-        loop = request.app.state.loop
-        routed = await loop.run_in_executor(state.cpu_pool, _prepare, state, data, overrides)
-        record.route, record.model = routed.route.pool, routed.route.model
-        metrics.route_decisions.labels(routed.route.pool, str(routed.route.bucket)).inc()
-        metrics.preprocess_duration.labels(routed.route.pool).observe(
-            (routed.timings["decode_ms"] + routed.timings["preprocess_ms"]) / 1e3
-        )
+    """Shared path of classify and embed: read, probe, route, admit, decode, batch.
+
+    Admission comes before decode, so under overload a request is refused (429) before any CPU goes
+    into its pixels, and the queue place it holds bounds the memory its decode will take.
+    """
+    started = time.perf_counter()
+    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
+    batcher = state.batcher(entry)
+    with batcher.reserve() as reservation:
+        decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
         submitted = time.perf_counter()
-        outputs = await unless_disconnected(
-            request, state.batcher(routed.entry).submit(routed.pixels, request_deadline)
-        )
-        finished = time.perf_counter()
-        routed.timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
-        routed.timings["total_ms"] = (finished - started) * 1e3
-        return routed, outputs
+        outputs = await unless_disconnected(request, batcher.submit(pixels, request_deadline, reservation))
+    finished = time.perf_counter()
+    timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
+    timings["total_ms"] = (finished - started) * 1e3
+    return RoutedImage(route, entry, decoded, timings), outputs
 
 
 def _image_info(decoded: DecodedImage) -> dict:
     return {"format": decoded.format, "width": decoded.original_size[0], "height": decoded.original_size[1]}
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
+def top_predictions(logits: np.ndarray, labels: tuple[str, ...], top_k: int) -> list[Prediction]:
+    """The `top_k` most probable labels of one image's logits, by softmax probability."""
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    k = min(top_k, probs.size)
+    order = np.argpartition(-probs, k - 1)[:k]
+    order = order[np.argsort(-probs[order])]
+    return [
+        Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
+        for i in order
+    ]
+
+
+@router.post("/classify", name="classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(
     request: Request,
     state: Annotated[ServingState, Depends(ready_state)],
@@ -179,26 +230,16 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="Labels to return.")] = None,
 ) -> ClassifyResponse:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
-    routed, outputs = await _run(request, state, "classify", overrides, request_deadline)
-    logits = outputs["logits"].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    k = min(top_k or state.settings.top_k, probs.size)
-    order = np.argpartition(-probs, k - 1)[:k]
-    order = order[np.argsort(-probs[order])]
-    labels = routed.entry.labels
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     return ClassifyResponse(
-        predictions=[
-            Prediction(index=int(i), label=labels[i] if i < len(labels) else str(i), score=float(probs[i]))
-            for i in order
-        ],
+        predictions=top_predictions(outputs["logits"], routed.entry.labels, top_k or state.settings.top_k),
         route=_route_info(routed.route, routed.entry),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
+@router.post("/embed", name="embed", response_model=EmbedResponse, responses=ERRORS)
 async def embed(
     request: Request,
     state: Annotated[ServingState, Depends(ready_state)],
@@ -206,40 +247,36 @@ async def embed(
     overrides: Overrides,
 ) -> EmbedResponse:
     """The pooled embedding of an image (same input as /v1/classify)."""
-    routed, outputs = await _run(request, state, "embed", overrides, request_deadline)
+    routed, outputs = await _run(request, state, overrides, request_deadline)
     vector = outputs["embedding"].astype(np.float32)
     return EmbedResponse(
         embedding=vector.tolist(),
         dim=int(vector.size),
-        route=_route_info(routed.route, routed.entry),
+        route=_route_info(routed.route),
         image=_image_info(routed.decoded),
         timings=Timings(**routed.timings),
     )
 
 
-@router.get("/route", response_model=RouteResponse, responses=ERRORS)
+@router.get("/route", name="route", response_model=RouteResponse, responses=ERRORS)
 async def explain_route(
+    request: Request,
     state: Annotated[ServingState, Depends(ready_state)],
     width: Annotated[int, Query(gt=0, le=1_000_000)],
     height: Annotated[int, Query(gt=0, le=1_000_000)],
     overrides: Overrides,
 ) -> RouteResponse:
-    """The routing decision for an image size and the cost estimates behind it; runs no model."""
-    with observed(state.metrics, "route") as record:
-        route = overrides.route(state, height, width)
-        record.route, record.model = route.pool, route.model
-        info = _route_info(route, state.entry_for(route.model, route.bucket))
-        return RouteResponse(
-            **info.model_dump(),
-            width=width,
-            height=height,
-            candidates=list(route.candidates),
-        )
+    """The routing decision for an image size under the live queues, and every candidate behind it; runs no model."""
+    route = overrides.route(state, height, width)
+    record = request_record(request)
+    record.route, record.model = route.pool, route.model
+    info = _route_info(route, state.entry_for(route.entry))
+    return RouteResponse(**info.model_dump(), width=width, height=height)
 
 
 @router.get("/models", response_model=ModelsResponse)
 async def list_served_models(state: Annotated[ServingState, Depends(get_state)]) -> ModelsResponse:
-    """Served entries with their bucket, runtime and readiness."""
+    """Served entries with their shape, measured batch limit, runtime and readiness."""
     models = [
         ModelInfo(
             name=e.name,
@@ -247,15 +284,20 @@ async def list_served_models(state: Annotated[ServingState, Depends(get_state)])
             arch=e.arch,
             pool=state.pool_of(e),
             bucket=e.bucket,
+            shape=e.shape,
             tokens=e.tokens,
             attention=list(e.attention),
             precision=e.precision,
             platform=e.platform,
             runtime=state.runtimes[e.name].describe() if e.name in state.runtimes else "loading",
-            max_batch_size=e.max_batch_size,
+            max_batch_size=state.batch_limit(e),
+            cost_source=state.costs[e.name].source if e.name in state.costs else "estimated from FLOPs",
+            batch_seconds={str(b): s for b, s in sorted(state.costs[e.name].seconds.items())}
+            if e.name in state.costs
+            else {},
             ready=state.ready and e.name in state.runtimes,
         )
         for e in state.entries.values()
     ]
-    backbones = {b: sorted(buckets) for b, buckets in state.backbones.items()}
+    backbones = {b: [shape_name(s) for s in shapes] for b, shapes in state.backbones.items()}
     return ModelsResponse(ready=state.ready, models=models, backbones=backbones)

@@ -12,8 +12,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 
-from service import api_repository, api_v1, api_v2
+from service import api_explain, api_repository, api_v1, api_v2, page
+from service.accounting import Accounting
 from service.errors import install_error_handlers
+from service.explainer import Explainers
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServingState
@@ -37,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.stop()
+            app.state.explainers.close()
             log.warning("stopped")
 
     app = FastAPI(
@@ -46,9 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.serving = state
+    app.state.explainers = Explainers(settings.threads(), settings.max_explain_queue)
     install_error_handlers(app)
+    uncounted = {"/metrics", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(Accounting, metrics=state.metrics, uncounted=frozenset(uncounted - {None}))
     if settings.role == "gateway":
         app.include_router(api_v1.router)
+        app.include_router(api_explain.router)
+        page.install(app)
     app.include_router(api_v2.router)
     app.include_router(api_repository.router)
 

@@ -12,11 +12,24 @@ from pathlib import Path
 from service.settings import Settings
 
 
-def _buckets(text: str) -> tuple[int, ...]:
+def _buckets(text: str) -> tuple:
+    from export.shapes import parse_shape
+
+    try:
+        return tuple(parse_shape(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"buckets must be comma-separated sides or HEIGHTxWIDTH shapes (224,192x256), got {text!r}"
+        ) from exc
+
+
+def _sides(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"ladder sides must be comma-separated integers, got {text!r}"
+        ) from exc
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -32,7 +45,18 @@ def _add_export(sub: argparse._SubParsersAction, settings: Settings) -> None:
     p = sub.add_parser("export", help="export a model into the model repository (one entry per bucket)")
     p.add_argument("--model", required=True, help="registered model name (see `vitserve models`)")
     p.add_argument("--checkpoint", type=Path, help="Hugging Face folder, .safetensors or .bin weights")
-    p.add_argument("--buckets", type=_buckets, default=(), help="comma-separated square input sizes")
+    p.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=(),
+        help="comma-separated input shapes: a side for a square (224) or HEIGHTxWIDTH (192x256)",
+    )
+    p.add_argument(
+        "--ladder",
+        type=_sides,
+        default=(),
+        help="comma-separated sides; each adds one shape per aspect class (1:3 .. 3:1) of about side^2 pixels",
+    )
     p.add_argument("--format", dest="artifact_format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument(
@@ -69,6 +93,7 @@ def export_request(args: argparse.Namespace):
         model=args.model,
         repository=args.repository,
         buckets=args.buckets,
+        ladders=args.ladder,
         checkpoint=args.checkpoint,
         artifact_format=args.artifact_format,
         precision=args.precision,
@@ -123,7 +148,7 @@ def _settings_from(args: argparse.Namespace, names) -> Settings:
 
 
 SERVE_FLAGS = tuple(Settings.model_fields)
-ROUTE_FLAGS = ("repository", "routing")
+ROUTE_FLAGS = ("repository", "routing", "routing_policy", "target_latency_ms", "calibration")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -143,9 +168,15 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_route(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("route", help="print the routing decision for an image size, like GET /v1/route")
+    p = sub.add_parser(
+        "route",
+        help="print the routing decision for an image size, like GET /v1/route on idle queues "
+        "(costs from --calibration, else estimated from FLOPs)",
+    )
     p.add_argument("width", type=int)
     p.add_argument("height", type=int)
+    p.add_argument("--budget-ms", type=float, help="latency budget (default --target-latency-ms)")
+    p.add_argument("--detail", choices=("auto", "full"), default="auto")
     _add_settings_flags(p, ROUTE_FLAGS)
 
 
@@ -153,12 +184,16 @@ def _run_route(args: argparse.Namespace) -> int:
     import json
 
     from export import ExportError, read_repository
+    from service.calibration import read_calibration
     from service.state import StartupError, build_router
 
     settings = _settings_from(args, ROUTE_FLAGS)
     try:
-        router = build_router(read_repository(settings.repository), settings)
-        route = router.route(args.height, args.width)
+        costs = read_calibration(settings.calibration) if settings.calibration is not None else None
+        router = build_router(read_repository(settings.repository), settings, costs)
+        route = router.route(
+            args.height, args.width, budget_ms=args.budget_ms, full_detail=args.detail == "full"
+        )
     except (ExportError, StartupError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

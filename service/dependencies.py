@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Query, Request
 
-from service.errors import CLIENT_CLOSED_REQUEST, APIError, client_disconnected, to_api_error
-from service.metrics import Metrics
+from service.errors import APIError, client_disconnected
 from service.settings import Settings
 from service.state import ServingState
 
@@ -44,31 +41,6 @@ async def deadline(
     return time.monotonic() + budget / 1000
 
 
-# A rejected body is read and discarded up to this multiple of the limit, so the client (still
-# sending) receives the error instead of a connection reset; past it the connection is dropped.
-DRAIN_FACTOR = 4
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; 413 once it passes `limit` bytes, without keeping more than `limit` in memory."""
-    declared = request.headers.get("content-length")
-    too_large = APIError(
-        413, "payload_too_large", f"request body exceeds the {limit}-byte limit; send a smaller image"
-    )
-    if declared is not None and declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > DRAIN_FACTOR * limit:
-            raise too_large
-    if size > limit:
-        raise too_large
-    return b"".join(chunks)
-
-
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away first (so queued work is withdrawn).
 
@@ -94,31 +66,3 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
-
-
-@dataclass
-class RequestRecord:
-    """Labels of one request's metrics, filled in as the request learns its route."""
-
-    endpoint: str
-    route: str = "none"
-    model: str = "none"
-    status: int = 200
-    started: float = field(default_factory=time.perf_counter)
-
-
-@contextmanager
-def observed(metrics: Metrics, endpoint: str):
-    """Count and time one request under its final labels, whatever way it ends."""
-    record = RequestRecord(endpoint)
-    metrics.inflight_requests.inc()
-    try:
-        yield record
-    except BaseException as exc:
-        record.status = to_api_error(exc).status if isinstance(exc, Exception) else CLIENT_CLOSED_REQUEST
-        raise
-    finally:
-        metrics.inflight_requests.dec()
-        labels = (record.endpoint, record.route, record.model)
-        metrics.request_duration.labels(*labels).observe(time.perf_counter() - record.started)
-        metrics.requests.labels(*labels, str(record.status)).inc()

@@ -20,7 +20,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.batcher import BatcherError, BatchError, DeadlineExceeded, QueueFull, ShuttingDown
+from service.batcher import (
+    BatcherError,
+    BatchError,
+    DeadlineExceeded,
+    InferenceTimeout,
+    QueueFull,
+    ShuttingDown,
+)
 from service.imaging import ImageError
 from service.router import UnknownModelError
 from service.runtimes import RuntimeUnavailable
@@ -78,6 +85,8 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(429, "queue_full", str(exc), {"Retry-After": str(retry)})
     if isinstance(exc, DeadlineExceeded):
         return APIError(504, "deadline_exceeded", str(exc))
+    if isinstance(exc, InferenceTimeout):
+        return APIError(504, "inference_timeout", str(exc))
     if isinstance(exc, ShuttingDown):
         return APIError(503, "shutting_down", str(exc))
     if isinstance(exc, BatchError) and isinstance(exc.__cause__, RuntimeUnavailable):

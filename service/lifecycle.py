@@ -200,7 +200,9 @@ class ModelLifecycle:
         """Executor side: load the runtime and check one smoke inference's outputs."""
         settings = self.state.settings
         kind = settings.runtime_for(entry.name, entry.backbone)
-        runtime = load_runtime(kind, entry, settings.threads(), settings, self.state.pool_of(entry))
+        runtime = load_runtime(
+            kind, entry, settings.threads(), settings, self.state.pool_of(entry), self.state.endpoints
+        )
         outputs = runtime.run(np.zeros((1, *entry.input_shape), np.float32))
         config = entry.config
         expected = {"logits": config.num_classes or config.num_features, "embedding": config.num_features}
@@ -211,6 +213,7 @@ class ModelLifecycle:
                     f"smoke inference gave {role} of shape {value.shape}"
                     f"{'' if np.isfinite(value).all() else ' with non-finite values'}, expected (1, {width})"
                 )
+        self.state.calibrate(entry, runtime)
         return runtime
 
     def _refuse(self, name: str, disk: DiskVersion, exc: Exception) -> APIError:
@@ -294,9 +297,14 @@ class ModelLifecycle:
                     continue
 
     def _wanted(self, name: str) -> bool:
-        """Served already, or allowed by VITSERVE_MODELS (entry names; empty allows every entry)."""
+        """Served already, or allowed by VITSERVE_MODELS (entry or backbone names; empty allows all)."""
         wanted = {n for n in self.state.settings.models.split(",") if n}
-        return name in self.state.entries or not wanted or name in wanted
+        if name in self.state.entries or not wanted or name in wanted:
+            return True
+        try:
+            return read_entry(self.repository / name).backbone in wanted
+        except ExportError:
+            return False
 
     def _unchanged(self, name: str) -> bool:
         disk = DiskVersion.of(self.repository / name)

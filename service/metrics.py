@@ -26,8 +26,11 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 disable_created_metrics()
 
 PREFIX = "vitserve"
-# Millisecond-scale latencies (0.5 ms) up to slow high-resolution requests (10 s).
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Millisecond-scale latencies (0.5 ms) up to the deadline range: the default deadline is 30 s, so
+# requests that wait or run until it (and a little past, for the answer) land in a finite bucket.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0
+)  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -45,6 +48,13 @@ class QueueSource(Protocol):
 
     @property
     def pending_tokens(self) -> int: ...
+
+
+class BudgetSource(Protocol):
+    """A pool's byte budget (a `service.batcher.ByteBudget`)."""
+
+    pool: str
+    used: int
 
 
 class Metrics:
@@ -88,6 +98,11 @@ class Metrics:
         self.route_decisions = counter(
             "route_decisions_total", "Routing decisions taken by the router.", ("route", "bucket")
         )
+        self.route_degraded = counter(
+            "route_degraded_total",
+            "Requests served at less detail than their budget allowed on idle queues, because of load.",
+            ("pool",),
+        )
         self.queue_depth = gauge(
             "queue_depth", "Requests waiting for their batch to start.", ("pool", "model")
         )
@@ -96,6 +111,10 @@ class Metrics:
             "Tokens of queued and running requests: the pool's autoscaling signal.",
             ("pool",),
         )
+        self.queue_bytes = gauge(
+            "queue_bytes", "Bytes of preprocessed images held by admitted, unanswered requests.", ("pool",)
+        )
+        self.decoding = gauge("decoding", "Images being decoded right now.", ("pool",))
         self.inflight_requests = gauge("inflight_requests", "HTTP requests being served right now.")
         self.model_ready = gauge("model_ready", "1 when the model is loaded and can serve.", ("model",))
 
@@ -106,6 +125,10 @@ class Metrics:
             partial(self._sum_depth, source.pool, source.model)
         )
         self.pending_tokens.labels(source.pool).set_function(partial(self._sum_tokens, source.pool))
+
+    def track_budget(self, budget: BudgetSource) -> None:
+        """Read queue_bytes{pool} from `budget` at scrape time."""
+        self.queue_bytes.labels(budget.pool).set_function(lambda: budget.used)
 
     def untrack_queue(self, source: QueueSource) -> None:
         """Stop counting `source` (a closed queue); its labels stay and read what the others hold."""

@@ -1,18 +1,34 @@
-"""Resolution router: an image size -> the backbone, bucket and resize that serve it, and why.
+"""Resolution router: an image size -> the (backbone, shape) that serves it, the resize behind it, and why.
 
-Two backbones share the traffic. Global attention (ViT) is accurate and cheap on few tokens but
-quadratic in them; windowed attention (Swin) grows linearly and keeps the detail of large images.
-The decision rests on the image's own detail, its token count at the global backbone's patch size
-(`image_tokens`): at most `max_global_tokens` -> global backbone, above -> windowed backbone. The
-limit applies to the image rather than to the bucket it lands in because the global buckets are
-small by design; measured at the bucket, every image, however large, would fit once downscaled.
+Two backbones share the traffic. Global attention (ViT) is cheap on few tokens but quadratic in
+them; windowed attention (Swin) grows linearly. Each serves several input shapes (square and
+aspect-ratio shapes, export/shapes.py), and every (backbone, shape) pair is a candidate with
 
-Inside the chosen backbone the bucket keeps the most detail: the smallest bucket not smaller
-than the image's long side ("pad": resize to fit, then pad to a square) or short side ("crop":
-resize, then center-crop), else the largest bucket (downscale).
+- geometry: the image resized to fit the shape ("pad") or to cover it ("crop"), its `scale`, the
+  `padding` (fraction of served pixels that are not image) and the `detail` it keeps: served
+  content pixels / image pixels, capped at 1, because upscaling adds no information;
+- cost: calibrated seconds per batch of the entry (service/calibration.py: measured on the real
+  runtime at start-up, read from a calibration file, or estimated from FLOPs; `cost_source`);
+- wait: the expected queue wait from the live pending work of the entry's pool (the batches
+  queued and running there, at their calibrated cost); expected_ms = wait + cost of one image.
 
-Routing runs per request, so everything that costs more than arithmetic (cost estimates of
-every (backbone, bucket) pair) is computed once when the Router is built.
+Policy "cost" (default). Candidates padded more than 15% are excluded whenever some candidate is
+not (an aspect ratio is served by the shapes of its class), then those that upscale the image by
+more than 5% whenever some candidate left does not (an image smaller than every shape of its class
+takes the least upscaling); `max_global_tokens` optionally caps the
+global backbone's tokens. The intended candidate keeps the most detail whose own cost fits the
+request's latency budget (cheaper on ties, so global vs windowed is decided by measured cost at
+equal detail and the crossover comes from calibration). Load then sheds detail before requests:
+the candidate served is the most detailed one whose expected time, queue included, fits the
+budget; when that is less detail than intended the route is `degraded` (counted per pool).
+`detail=full` opts out: the most detailed candidate, whatever the budget and the queues.
+
+Policy "square" is the previous router, kept as the benchmarks' baseline: square shapes only,
+the global backbone while the image has at most `max_global_tokens` (default 1024) tokens at its
+patch size, and the smallest bucket not smaller than the long (pad) or short (crop) side.
+
+Everything that costs more than arithmetic (cost estimates of every candidate) is computed when
+the Router is built; a route is a few dozen multiplications per candidate.
 """
 
 from __future__ import annotations
@@ -34,13 +50,24 @@ from pydantic import (
     model_validator,
 )
 
+from export.shapes import Shape, as_shape, aspect_ladder, shape_name
 from models.config import BackboneConfig
 from models.cost import estimate_cost
 from models.layers.patch_embed import padded_grid
 from models.registry import get_config
+from service.calibration import EntryCost, estimated_cost
 
 Pool = Literal["global", "windowed"]
 ResizeMode = Literal["pad", "crop"]
+Policy = Literal["cost", "square"]
+MAX_UPSCALE = 1.05
+MAX_PADDING = 0.15
+# Details equal to two decimals are a tie, decided by expected time.
+DETAIL_DECIMALS = 2
+# The square policy's limit between the backbones, (512 / 16)^2 tokens, when the routing sets none.
+SQUARE_MAX_GLOBAL_TOKENS = 1024
+DEFAULT_GLOBAL_SHAPES = aspect_ladder(224, 16)
+DEFAULT_WINDOWED_SHAPES = (*aspect_ladder(448, 28), *aspect_ladder(896, 28))
 
 
 class UnknownModelError(ValueError):
@@ -48,17 +75,17 @@ class UnknownModelError(ValueError):
 
 
 class BackboneRoute(BaseModel):
-    """One routable backbone: its name in the model repository, its registry config and its buckets.
+    """One routable backbone: its name in the model repository, its registry config and its shapes.
 
-    `config` names the registry configuration whose cost model stands for the served model.
-    `seconds_per_gflop` is the benchmarks' calibration; without it costs are reported in GFLOPs.
+    `buckets` lists input shapes: a side for a square bucket, [height, width] otherwise.
+    `seconds_per_gflop` is the fallback cost calibration for entries nothing measured.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1)
     config: str
-    buckets: tuple[PositiveInt, ...] = Field(min_length=1)
+    buckets: tuple[PositiveInt | tuple[PositiveInt, PositiveInt], ...] = Field(min_length=1)
     seconds_per_gflop: float | None = Field(default=None, gt=0)
 
     @field_validator("config")
@@ -72,26 +99,27 @@ class BackboneRoute(BaseModel):
 
     @field_validator("buckets")
     @classmethod
-    def _sorted_buckets(cls, buckets: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(sorted(set(buckets)))
+    def _sorted_buckets(cls, buckets: tuple) -> tuple:
+        unique = {as_shape(b): None for b in buckets}
+        return tuple(h if h == w else (h, w) for h, w in sorted(unique, key=lambda s: (s[0] * s[1], s)))
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        return tuple(as_shape(b) for b in self.buckets)
 
 
 class RoutingConfig(BaseModel):
-    """The routing/buckets file: the two backbones, the token limit between them, the resize mode.
-
-    The default limit, 1024 tokens = (512 / 16)^2, sends images of up to about 512x512 pixels of
-    detail to global attention, which serves them at its 384 bucket with at most a 4/3 downscale.
-    """
+    """The routing file: the two backbones, the optional global token cap, the resize mode."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     global_backbone: BackboneRoute = BackboneRoute(
-        model="vit_global", config="vit_tiny_patch16_224", buckets=(224, 384)
+        model="vit_global", config="vit_small_patch16_224", buckets=DEFAULT_GLOBAL_SHAPES
     )
     windowed_backbone: BackboneRoute = BackboneRoute(
-        model="swin_windowed", config="swin_tiny_patch4_window7_224", buckets=(448, 672, 896, 1344)
+        model="swin_windowed", config="swin_tiny_patch4_window7_224", buckets=DEFAULT_WINDOWED_SHAPES
     )
-    max_global_tokens: PositiveInt = 1024
+    max_global_tokens: PositiveInt | None = None
     resize_mode: ResizeMode = "pad"
 
     @model_validator(mode="after")
@@ -127,72 +155,130 @@ class RoutingConfig(BaseModel):
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """Cost of serving one square bucket with one backbone (batch 1).
+class Servable:
+    """What the router knows of one (backbone, shape) before any request: its entry, tokens and cost."""
 
-    `cost` is in seconds when the backbone is calibrated, else in GFLOPs (`cost_unit` says which).
+    model: str
+    entry: str
+    pool: Pool
+    shape: Shape
+    tokens: int
+    flops: int
+    cost: EntryCost
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (backbone, shape) weighed for one image: geometry, detail, time, and why it was left out.
+
+    shape, resized: [height, width] served and of the content before padding/cropping.
+    padding: fraction of the served pixels that are not image. detail: served content pixels /
+    image pixels, capped at 1. cost_ms: one image alone; wait_ms: the pool's queued and running
+    work; expected_ms: their sum. excluded: why the candidate could not be taken, else None.
     """
 
     model: str
+    entry: str
     pool: Pool
-    bucket: int
+    shape: tuple[int, int]
     tokens: int
-    attention_flops: int
     flops: int
-    cost: float
-    cost_unit: Literal["seconds", "GFLOP"]
+    resized: tuple[int, int]
+    scale: float
+    padding: float
+    detail: float
+    cost_ms: float
+    wait_ms: float
+    expected_ms: float
+    cost_source: str
+    excluded: str | None = None
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """Most detail first, then least expected time."""
+        return -round(self.detail, DETAIL_DECIMALS), self.expected_ms
 
 
 @dataclass(frozen=True)
 class Route:
     """A routing decision: serve the image resized to `resized` (height, width), then padded or
-    center-cropped (`resize_mode`) to `bucket` x `bucket`, with `model`.
+    center-cropped (`resize_mode`) to `shape`, with `model`'s entry `entry`.
 
-    tokens: tokens of `model` at the bucket. image_tokens: the image's tokens at the global
-    backbone's patch size, the quantity compared with max_global_tokens. estimate: the candidate
-    taken. candidates: every (model, bucket) pair the router weighed.
+    bucket: the long side of `shape` (the side of a square bucket). tokens: of `model` at `shape`.
+    image_tokens: the image's tokens at the global backbone's patch size. degraded: load made
+    the router serve less detail than the budget allowed on idle queues. candidates: every
+    (backbone, shape) pair weighed, with its numbers.
     """
 
     model: str
+    entry: str
     pool: Pool
+    shape: tuple[int, int]
     bucket: int
     tokens: int
     image_tokens: int
     scale: float
     resized: tuple[int, int]
     resize_mode: ResizeMode
-    estimate: Candidate
-    candidates: tuple[Candidate, ...]
+    padding: float
+    detail: float
+    expected_ms: float
+    budget_ms: float
+    degraded: bool
+    policy: Policy
+    cost_source: str
     reason: str
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def target_side(self) -> int:
+        """The side of the resized image that decoding at reduced scale must keep (see imaging)."""
+        return max(self.resized) if self.resize_mode == "pad" else min(self.resized)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class Router:
-    """Maps image sizes to Routes under one RoutingConfig; cheap enough to call per request."""
+    """Maps image sizes to Routes under one RoutingConfig and policy; cheap enough to call per request."""
 
     def __init__(
-        self, config: RoutingConfig | None = None, model_configs: Mapping[str, BackboneConfig] | None = None
+        self,
+        config: RoutingConfig | None = None,
+        model_configs: Mapping[str, BackboneConfig] | None = None,
+        *,
+        entries: Mapping[tuple[str, Shape], str] | None = None,
+        costs: Mapping[str, EntryCost] | None = None,
+        policy: Policy = "cost",
+        target_latency_ms: float = 1000.0,
     ):
-        """`model_configs` maps repository model names to the configs they were exported with; costs
-        of models not in it come from their registry config."""
+        """`model_configs` maps repository model names to the configs they were exported with (else
+        their registry config); `entries` maps (model, shape) to the entry name (else
+        `<model>_<shape>`); `costs` the calibrated cost of each entry (else estimated from FLOPs)."""
         self.config = config or RoutingConfig.default()
+        self.policy: Policy = policy
+        self.target_latency_ms = target_latency_ms
         self._backbones = self.config.backbones()
         known = dict(model_configs or {})
         configs = {b.model: known.get(b.model) or get_config(b.config) for b in self._backbones.values()}
         self.pools: dict[str, Pool] = {b.model: pool for pool, b in self._backbones.items()}
-        self.candidates = tuple(
-            _candidate(pool, backbone, configs[backbone.model], bucket)
-            for pool, backbone in self._backbones.items()
-            for bucket in backbone.buckets
-        )
-        self._candidate = {(c.model, c.bucket): c for c in self.candidates}
+        names = dict(entries or {})
+        measured = dict(costs or {})
+        servables = []
+        for pool, backbone in self._backbones.items():
+            for shape in backbone.shapes:
+                entry = names.get((backbone.model, shape), f"{backbone.model}_{shape_name(shape)}")
+                estimate = estimate_cost(configs[backbone.model], *shape)
+                cost = measured.get(entry) or estimated_cost(estimate.flops, backbone.seconds_per_gflop)
+                servables.append(
+                    Servable(backbone.model, entry, pool, shape, estimate.tokens, estimate.flops, cost)
+                )
+        self.servables = tuple(servables)
         self._patch = configs[self.config.global_backbone.model].patch_size
 
-    def buckets(self, model: str) -> tuple[int, ...]:
-        """Buckets served by `model`; UnknownModelError lists the routed models."""
-        return self._backbones[self._pool_of(model)].buckets
+    def buckets(self, model: str) -> tuple[Shape, ...]:
+        """Shapes served by `model`; UnknownModelError lists the routed models."""
+        return self._backbones[self._pool_of(model)].shapes
 
     def route(
         self,
@@ -200,49 +286,247 @@ class Router:
         width: int,
         override_model: str | None = None,
         override_bucket: int | None = None,
+        *,
+        budget_ms: float | None = None,
+        full_detail: bool = False,
+        waits: Mapping[str, float] | None = None,
     ) -> Route:
-        """Route an image of `height` x `width` pixels, optionally forcing the model and/or bucket.
+        """Route an image of `height` x `width` pixels.
 
-        Raises ValueError for a non-positive size or a bucket the model does not serve, and
-        UnknownModelError (a ValueError) for a model that is not routed.
+        `budget_ms` is the request's latency budget (default `target_latency_ms`), `waits` the
+        expected queue wait in seconds of each pool, `full_detail` opts out of degradation. The
+        model and/or a square bucket may be forced. Raises ValueError for a non-positive size or
+        a bucket the model does not serve, UnknownModelError (a ValueError) for an unrouted model.
         """
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"image {name} must be a positive integer, got {value!r}")
+        budget = float(budget_ms or self.target_latency_ms)
+        pool_waits = dict(waits or {})
+        candidates = [self._weigh(s, height, width, pool_waits.get(s.pool, 0.0)) for s in self.servables]
         image_tokens = self._image_tokens(height, width)
-        automatic: Pool = "global" if image_tokens <= self.config.max_global_tokens else "windowed"
-        pool, why_pool = self._choose_pool(
-            automatic, image_tokens, height, width, override_model, override_bucket
+        if self.policy == "square":
+            chosen, intended, reason = self._square(
+                candidates, height, width, image_tokens, override_model, override_bucket
+            )
+        else:
+            candidates = self._exclude(candidates, override_model, override_bucket)
+            chosen, intended, reason = self._by_cost(candidates, budget, full_detail)
+        degraded = round(chosen.detail, DETAIL_DECIMALS) < round(intended.detail, DETAIL_DECIMALS)
+        return Route(
+            model=chosen.model,
+            entry=chosen.entry,
+            pool=chosen.pool,
+            shape=chosen.shape,
+            bucket=max(chosen.shape),
+            tokens=chosen.tokens,
+            image_tokens=image_tokens,
+            scale=chosen.scale,
+            resized=chosen.resized,
+            resize_mode=self.config.resize_mode,
+            padding=chosen.padding,
+            detail=chosen.detail,
+            expected_ms=chosen.expected_ms,
+            budget_ms=budget,
+            degraded=degraded,
+            policy=self.policy,
+            cost_source=chosen.cost_source,
+            reason=reason,
+            candidates=tuple(candidates),
         )
-        backbone = self._backbones[pool]
-        side_name, side = (
-            ("long", max(height, width))
-            if self.config.resize_mode == "pad"
-            else ("short", min(height, width))
+
+    def _weigh(self, servable: Servable, height: int, width: int, wait_s: float) -> Candidate:
+        """Geometry, detail and expected time of serving `height` x `width` with `servable`."""
+        rows, cols = servable.shape
+        if self.config.resize_mode == "pad":
+            scale = min(rows / height, cols / width)
+            resized = (min(rows, max(1, round(height * scale))), min(cols, max(1, round(width * scale))))
+            content = resized[0] * resized[1]
+        else:
+            scale = max(rows / height, cols / width)
+            resized = (max(rows, round(height * scale)), max(cols, round(width * scale)))
+            content = rows * cols
+        cost_ms = servable.cost.batch_seconds(1) * 1e3
+        return Candidate(
+            model=servable.model,
+            entry=servable.entry,
+            pool=servable.pool,
+            shape=servable.shape,
+            tokens=servable.tokens,
+            flops=servable.flops,
+            resized=resized,
+            scale=scale,
+            padding=1 - content / (rows * cols),
+            detail=min(1.0, content / (height * width)),
+            cost_ms=cost_ms,
+            wait_ms=wait_s * 1e3,
+            expected_ms=wait_s * 1e3 + cost_ms,
+            cost_source=servable.cost.source,
         )
-        if override_bucket is None:
-            bucket, why_bucket = _pick_bucket(backbone.buckets, side, side_name)
-        elif override_bucket in backbone.buckets:
+
+    def _exclude(
+        self, candidates: list[Candidate], override_model: str | None, override_bucket: int | None
+    ) -> list[Candidate]:
+        """Mark what the request and the rules leave out; raises ValueError if an override leaves nothing."""
+        requested = self._pool_of(override_model) if override_model is not None else None
+
+        def mark(items: list[Candidate], why) -> list[Candidate]:
+            return [
+                c if c.excluded or (reason := why(c)) is None else dataclasses.replace(c, excluded=reason)
+                for c in items
+            ]
+
+        candidates = mark(
+            candidates, lambda c: None if requested in (None, c.pool) else f"model {override_model} requested"
+        )
+        if override_bucket is not None:
+            square = (override_bucket, override_bucket)
+            candidates = mark(
+                candidates, lambda c: None if c.shape == square else f"bucket {override_bucket} requested"
+            )
+            if all(c.excluded for c in candidates):
+                raise ValueError(self._unserved(override_bucket, override_model))
+        cap = self.config.max_global_tokens
+        if cap is not None:
+            candidates = mark(
+                candidates,
+                lambda c: (
+                    f"{c.tokens} tokens > max_global_tokens {cap}"
+                    if c.pool == "global" and c.tokens > cap
+                    else None
+                ),
+            )
+        live = [c for c in candidates if not c.excluded]
+        if not live:
+            raise ValueError(f"no candidate is left for this request: {candidates[0].excluded}")
+        # Padding first: an aspect ratio is served by the shapes of its class. Among those, an image
+        # that some shape holds without upscaling it over 5% is never upscaled more; an image smaller
+        # than every shape of its class takes the least upscaling.
+        candidates = self._exclude_padded(candidates)
+        least = min(c.scale for c in candidates if not c.excluded)
+        limit = MAX_UPSCALE if least <= MAX_UPSCALE else least * MAX_UPSCALE
+        return mark(
+            candidates, lambda c: f"upscales x{c.scale:.3g} (> x{limit:.3g})" if c.scale > limit else None
+        )
+
+    @staticmethod
+    def _exclude_padded(candidates: list[Candidate]) -> list[Candidate]:
+        """Leave out candidates padded over MAX_PADDING, unless no candidate left is padded less."""
+        if not any(c.padding <= MAX_PADDING for c in candidates if not c.excluded):
+            return candidates
+        return [
+            dataclasses.replace(c, excluded=f"padding {c.padding:.0%} > {MAX_PADDING:.0%}")
+            if not c.excluded and c.padding > MAX_PADDING
+            else c
+            for c in candidates
+        ]
+        return candidates
+
+    def _by_cost(
+        self, candidates: list[Candidate], budget: float, full_detail: bool
+    ) -> tuple[Candidate, Candidate, str]:
+        """(served, intended, reason) under the cost policy."""
+        live = [c for c in candidates if not c.excluded]
+        if full_detail:
+            chosen = min(live, key=lambda c: c.rank)
+            return (
+                chosen,
+                chosen,
+                (
+                    f"detail=full: {chosen.entry} keeps the most detail ({chosen.detail:.2f}), "
+                    f"expected {chosen.expected_ms:.0f} ms"
+                ),
+            )
+        affordable = [c for c in live if c.cost_ms <= budget]
+        intended = (
+            min(affordable, key=lambda c: (-round(c.detail, DETAIL_DECIMALS), c.cost_ms))
+            if affordable
+            else min(live, key=lambda c: c.cost_ms)
+        )
+        in_time = [c for c in live if c.expected_ms <= budget]
+        chosen = min(in_time, key=lambda c: c.rank) if in_time else min(live, key=lambda c: c.expected_ms)
+        if round(chosen.detail, DETAIL_DECIMALS) < round(intended.detail, DETAIL_DECIMALS):
+            return (
+                chosen,
+                intended,
+                (
+                    f"degraded: {intended.entry} (detail {intended.detail:.2f}) would take {intended.expected_ms:.0f} ms "
+                    f"with {intended.wait_ms:.0f} ms queued, over the {budget:.0f} ms budget; {chosen.entry} keeps "
+                    f"detail {chosen.detail:.2f} in an expected {chosen.expected_ms:.0f} ms"
+                ),
+            )
+        if not affordable:
+            return (
+                chosen,
+                intended,
+                (
+                    f"no candidate fits the {budget:.0f} ms budget; {chosen.entry} is the fastest "
+                    f"(expected {chosen.expected_ms:.0f} ms, detail {chosen.detail:.2f})"
+                ),
+            )
+        return (
+            chosen,
+            intended,
+            (
+                f"{chosen.entry} keeps the most detail ({chosen.detail:.2f}, padding {chosen.padding:.0%}) within the "
+                f"{budget:.0f} ms budget, expected {chosen.expected_ms:.0f} ms, cheapest at that detail"
+            ),
+        )
+
+    def _square(
+        self,
+        candidates: list[Candidate],
+        height: int,
+        width: int,
+        image_tokens: int,
+        override_model: str | None,
+        override_bucket: int | None,
+    ) -> tuple[Candidate, Candidate, str]:
+        """(served, served, reason) under the square-bucket policy (the benchmarks' baseline)."""
+        limit = self.config.max_global_tokens or SQUARE_MAX_GLOBAL_TOKENS
+        automatic: Pool = "global" if image_tokens <= limit else "windowed"
+        squares = {
+            pool: sorted(c.shape[0] for c in candidates if c.pool == pool and c.shape[0] == c.shape[1])
+            for pool in self._backbones
+        }
+        if override_model is not None:
+            pool, why = self._pool_of(override_model), f"model {override_model} requested"
+        elif override_bucket is not None:
+            serving = [p for p, sides in squares.items() if override_bucket in sides]
+            if not serving:
+                raise ValueError(self._unserved(override_bucket, None))
+            pool = automatic if automatic in serving else serving[0]
+            why = f"{pool} backbone serves the requested bucket"
+        else:
+            relation = "<=" if automatic == "global" else ">"
+            pool, why = (
+                automatic,
+                (
+                    f"{image_tokens} image tokens ({height}x{width} at patch {self._patch}) {relation} "
+                    f"max_global_tokens {limit}: {automatic} attention"
+                ),
+            )
+        sides = squares[pool]
+        if not sides:
+            raise ValueError(
+                f"the square policy needs square buckets; {self._backbones[pool].model} serves none"
+            )
+        side = max(height, width) if self.config.resize_mode == "pad" else min(height, width)
+        if override_bucket is not None:
+            if override_bucket not in sides:
+                raise ValueError(self._unserved(override_bucket, self._backbones[pool].model))
             bucket, why_bucket = override_bucket, f"bucket {override_bucket} requested"
         else:
-            raise ValueError(
-                f"bucket {override_bucket} is not served by {backbone.model}; valid buckets: {list(backbone.buckets)}"
-            )
-        scale = bucket / side
-        estimate = self._candidate[(backbone.model, bucket)]
-        return Route(
-            model=backbone.model,
-            pool=pool,
-            bucket=bucket,
-            tokens=estimate.tokens,
-            image_tokens=image_tokens,
-            scale=scale,
-            resized=(max(1, round(height * scale)), max(1, round(width * scale))),
-            resize_mode=self.config.resize_mode,
-            estimate=estimate,
-            candidates=self.candidates,
-            reason=f"{why_pool}; {why_bucket}, scale x{scale:.3g}",
-        )
+            bucket = next((s for s in sides if s >= side), sides[-1])
+            why_bucket = f"bucket {bucket} is the {'smallest >=' if bucket >= side else 'largest, below'} the side {side}"
+        chosen = next(c for c in candidates if c.pool == pool and c.shape == (bucket, bucket))
+        return chosen, chosen, f"square policy: {why}; {why_bucket}, scale x{chosen.scale:.3g}"
+
+    def _unserved(self, bucket: int, model: str | None) -> str:
+        backbones = [self._backbones[self._pool_of(model)]] if model else list(self._backbones.values())
+        valid = "; ".join(f"{b.model} {[shape_name(s) for s in b.shapes]}" for b in backbones)
+        owner = f"by {model}" if model else "by any backbone"
+        return f"bucket {bucket} is not served {owner}; valid buckets: {valid}"
 
     def _image_tokens(self, height: int, width: int) -> int:
         """Tokens of the content that is served: the whole image (pad) or its central square (crop)."""
@@ -251,66 +535,23 @@ class Router:
         rows, cols = padded_grid(height, width, self._patch)
         return rows * cols
 
-    def _choose_pool(
-        self,
-        automatic: Pool,
-        image_tokens: int,
-        height: int,
-        width: int,
-        override_model: str | None,
-        override_bucket: int | None,
-    ) -> tuple[Pool, str]:
-        if override_model is not None:
-            return self._pool_of(override_model), f"model {override_model} requested"
-        if override_bucket is not None:
-            pools = [pool for pool, b in self._backbones.items() if override_bucket in b.buckets]
-            if not pools:
-                valid = "; ".join(f"{b.model} {list(b.buckets)}" for b in self._backbones.values())
-                raise ValueError(f"bucket {override_bucket} is not served; valid buckets: {valid}")
-            pool = automatic if automatic in pools else pools[0]
-            return pool, f"{pool} backbone serves the requested bucket"
-        relation = "<=" if automatic == "global" else ">"
-        return automatic, (
-            f"{image_tokens} image tokens ({height}x{width} at patch {self._patch}) {relation} "
-            f"max_global_tokens {self.config.max_global_tokens}: {automatic} attention"
-        )
-
     def _pool_of(self, model: str) -> Pool:
         if model not in self.pools:
             raise UnknownModelError(f"unknown model {model!r}; routed models: {', '.join(self.pools)}")
         return self.pools[model]
 
 
-def _pick_bucket(buckets: tuple[int, ...], side: int, side_name: str) -> tuple[int, str]:
-    """The smallest bucket >= side keeps all detail; without one, the largest loses the least."""
-    for bucket in buckets:
-        if bucket >= side:
-            return bucket, f"bucket {bucket} is the smallest >= the {side_name} side {side}"
-    return buckets[-1], f"bucket {buckets[-1]} is the largest, below the {side_name} side {side} (downscale)"
-
-
-def _candidate(pool: Pool, backbone: BackboneRoute, config: BackboneConfig, bucket: int) -> Candidate:
-    cost = estimate_cost(config, bucket, bucket)
-    calibrated = backbone.seconds_per_gflop is not None
-    return Candidate(
-        model=backbone.model,
-        pool=pool,
-        bucket=bucket,
-        tokens=cost.tokens,
-        attention_flops=cost.attention_flops,
-        flops=cost.flops,
-        cost=cost.gflops * backbone.seconds_per_gflop if calibrated else cost.gflops,
-        cost_unit="seconds" if calibrated else "GFLOP",
-    )
-
-
 __all__ = [
     "BackboneRoute",
     "Candidate",
+    "MAX_PADDING",
+    "MAX_UPSCALE",
+    "Policy",
     "Pool",
     "ResizeMode",
     "Route",
     "Router",
     "RoutingConfig",
+    "Servable",
     "UnknownModelError",
 ]

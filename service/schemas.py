@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictStr
 
 from service.router import Candidate
 
@@ -26,24 +26,34 @@ class V2ErrorBody(BaseModel):
 
 
 class RouteInfo(BaseModel):
-    """The routing decision for one image size."""
+    """The routing decision for one image size, with every candidate the router weighed."""
 
     model: str = Field(description="Backbone serving the request.")
-    entry: str = Field(description="Repository entry (backbone and bucket) that runs it.")
+    entry: str = Field(description="Repository entry (backbone and shape) that runs it.")
     pool: Literal["global", "windowed"]
-    bucket: int
-    tokens: int = Field(description="Tokens of the backbone at the bucket.")
+    shape: tuple[int, int] = Field(description="[height, width] served.")
+    bucket: int = Field(description="Long side of the served shape.")
+    tokens: int = Field(description="Tokens of the backbone at the shape.")
     image_tokens: int = Field(description="Tokens of the image at the global backbone's patch size.")
     scale: float
-    resized: tuple[int, int] = Field(description="(height, width) after resizing, before pad/crop.")
-    resize_mode: Literal["pad", "crop"]
+    resized: tuple[int, int] = Field(
+        description="[height, width] of the content after resizing, before pad/crop."
+    )
+    resize_mode: Literal["pad", "crop", "squash"]
+    padding: float = Field(description="Fraction of the served pixels that are padding.")
+    detail: float = Field(description="Served content pixels / image pixels, capped at 1.")
+    expected_ms: float = Field(description="Expected queue wait plus compute, from calibrated costs.")
+    budget_ms: float = Field(description="The request's latency budget.")
+    degraded: bool = Field(description="Load made the router serve less detail than the budget allowed.")
+    policy: Literal["cost", "square"]
+    cost_source: str = Field(description="measured at start-up, calibration file, or estimated from FLOPs.")
     reason: str
+    candidates: list[Candidate]
 
 
 class RouteResponse(RouteInfo):
     width: int
     height: int
-    candidates: list[Candidate]
 
 
 class Timings(BaseModel):
@@ -82,40 +92,51 @@ class ModelInfo(BaseModel):
     arch: str
     pool: Literal["global", "windowed"]
     bucket: int
+    shape: tuple[int, int]
     tokens: int
     attention: list[str]
     precision: str
     platform: str
     runtime: str
-    max_batch_size: int
+    max_batch_size: int = Field(
+        description="Batch limit: the best measured throughput within config.pbtxt's."
+    )
+    cost_source: str
+    batch_seconds: dict[str, float] = Field(description="Calibrated seconds per batch, by batch size.")
     ready: bool
 
 
 class ModelsResponse(BaseModel):
     ready: bool
     models: list[ModelInfo]
-    backbones: dict[str, list[int]] = Field(description="Backbone -> buckets it serves.")
+    backbones: dict[str, list[str]] = Field(description="Backbone -> shapes it serves (224 or HxW).")
+
+
+# Strict on purpose: `true`, `"1.5"`, `null` or `{}` are not tensor values, and NaN/Infinity would
+# come back as invalid JSON; JSON integers still count as numbers.
+V2Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+V2Dim = Annotated[int, Field(strict=True, ge=0)]
 
 
 class V2Tensor(BaseModel):
-    """A KServe v2 tensor; `data` is absent when the tensor travels in the binary extension."""
+    """A KServe v2 tensor; `data` (flat, row-major) is absent when it travels in the binary extension."""
 
-    name: str
-    shape: list[int]
-    datatype: str
+    name: StrictStr
+    shape: list[V2Dim]
+    datatype: StrictStr
     parameters: dict[str, Any] = Field(default_factory=dict)
-    data: list[Any] | None = None
+    data: list[V2Number] | None = None
 
 
 class V2RequestedOutput(BaseModel):
-    name: str
+    name: StrictStr
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class V2InferRequest(BaseModel):
-    id: str | None = None
+    id: StrictStr | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[V2Tensor]
+    inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[V2RequestedOutput] | None = None
 
 

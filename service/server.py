@@ -2,13 +2,21 @@
 
 On SIGTERM/SIGINT readiness turns false at once and new requests are answered 503 (draining).
 The listener stays open for `shutdown_delay_s`, so load balancers and Kubernetes endpoints see the
-server as not ready before connections are refused; then uvicorn stops accepting connections and
-waits for in-flight requests, the lifespan drains the batchers, and the process exits 0: a drain
-that completes is a clean exit, not death by signal (uvicorn would otherwise re-raise the signal).
+server as not ready before connections are refused; then uvicorn stops accepting connections while
+the batchers drain for at most `drain_timeout_s`. Exit status:
+
+- 0 (`DRAINED`): every queued and running request finished; a drain that completes is a clean
+  exit, not death by signal (uvicorn would otherwise re-raise the signal).
+- 3 (`STARTUP_FAILURE`): the application could not start.
+- 4 (`DRAIN_TIMED_OUT`): the drain ran out of time; every request still unanswered was answered
+  503 before the connections closed, and the process exits without waiting for hung batch threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import signal
 import sys
 import time
@@ -19,8 +27,12 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
 
+DRAINED = 0
 # uvicorn's exit status when the application fails to start (uvicorn.main.STARTUP_FAILURE).
 STARTUP_FAILURE = 3
+DRAIN_TIMED_OUT = 4
+# After the drain, the time left for handlers to write their answers before uvicorn cancels them.
+ANSWER_GRACE_S = 5.0
 
 
 class _Server(uvicorn.Server):
@@ -41,6 +53,12 @@ class _Server(uvicorn.Server):
         if self._exit_requested_at is None:
             self._exit_requested_at = time.monotonic()
 
+    async def shutdown(self, sockets=None) -> None:
+        """Drain the batchers beside uvicorn's wait for connections, so an expired drain answers them."""
+        drain = asyncio.ensure_future(self._app.state.serving.drain())
+        await super().shutdown(sockets)
+        await drain
+
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
         if not should_exit or self.force_exit or self._exit_requested_at is None:
@@ -58,9 +76,15 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_graceful_shutdown=settings.drain_timeout_s + ANSWER_GRACE_S,
     )
     server = _Server(config, app, settings.shutdown_delay_s)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+    if app.state.serving.drain_timed_out:
+        # Hung batch threads would block the interpreter's exit join forever.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(DRAIN_TIMED_OUT)

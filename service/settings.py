@@ -26,13 +26,36 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free port).")
     grpc_port: int = Field(
-        8001, ge=0, le=65535, description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off."
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the KServe v2 gRPC service (GRPCInferenceService); 0 turns it off.",
     )
     role: Literal["gateway", "pool"] = Field(
         "gateway", description="gateway: full API; pool: v2 tensors only."
     )
     routing: Path | None = Field(
         None, description="Routing/buckets YAML; defaults derive from the repository."
+    )
+    routing_policy: Literal["cost", "square"] = Field(
+        "cost",
+        description="cost: most detail within the latency budget by calibrated cost and live queues; "
+        "square: the former square-bucket policy (benchmark baseline).",
+    )
+    target_latency_ms: float = Field(
+        1000.0, gt=0, description="Latency budget of requests without timeout_ms / X-Request-Timeout-Ms."
+    )
+    calibration: Path | None = Field(
+        None,
+        description="YAML {entry: {batch: seconds}} used instead of measuring those entries at start-up.",
+    )
+    calibration_out: Path | None = Field(
+        None, description="Write the costs used at start-up to this YAML file."
+    )
+    calibration_max_run_s: float = Field(
+        0.25,
+        gt=0,
+        description="Start-up calibration stops doubling an entry's batch once one run takes this long.",
     )
     runtime: RuntimeKind = Field("onnxruntime", description="Default runtime.")
     runtimes: str = Field(
@@ -79,6 +102,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime intra-op threads: off (never spin), run (spin between operators only "
         "while a batch runs), always (also between batches, starving decoding under load).",
     )
+    ort_share_weights: bool = Field(
+        True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
+    )
+    ort_cpu_arena: bool = Field(
+        False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
+    )
     max_remote_batches: int = Field(
         64,
         ge=1,
@@ -90,6 +119,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted request body.")
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted decoded image (width x height).")
     max_queue_size: int = Field(256, gt=0, description="Queued requests per (model, bucket) before 429.")
+    max_queue_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="Bytes of preprocessed images a pool's admitted, unanswered requests may hold before "
+        "429 (per pool; size the pod's memory limit from it).",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Image decode threads per pool, so large images cannot starve small ones; 0 = cores.",
+    )
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Batching delay; default from each entry's config.pbtxt."
     )
@@ -97,6 +137,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(200_000, gt=0, description="Token budget per batch for high resolutions.")
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
+    max_explain_queue: int = Field(
+        4, ge=1, description="/v1/explain requests waiting for the explain thread before 429."
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="Longest wait for queued work on shutdown.")
     shutdown_delay_s: float = Field(
         0.0,
@@ -114,6 +157,9 @@ class Settings(BaseSettings):
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
+
+    def decoders(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
 
     @field_validator("runtimes", "triton_urls")
     @classmethod

@@ -1,6 +1,9 @@
-"""What a running vitserve process serves: repository entries, their runtimes, batchers and router.
+"""What a running vitserve process serves: repository entries, their runtimes, costs, batchers and router.
 
 Built once at start-up (lifespan), read by the request handlers through FastAPI dependencies.
+Start-up order: read the repository, check the routing against it, load and warm every runtime,
+calibrate each entry's cost (service/calibration.py), then size each batcher at its best measured
+batch and build the router on the calibrated costs.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from export.repository import ModelEntry, read_repository
+from export.shapes import Shape, shape_name
 from service.batcher import Batcher, BatcherGroup, RunBatch
+from service.calibration import MEASURED, EntryCost, measure, read_calibration, write_calibration
 from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.router import BackboneRoute, Router, RoutingConfig
@@ -24,6 +30,7 @@ from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
 GLOBAL_ATTENTION = ("global",)
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
@@ -42,20 +49,24 @@ class ServingState:
     router: Router | None = None
     ready: bool = False
     draining: bool = False
-    cpu_pool: ThreadPoolExecutor | None = None
+    decode_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    drain_timed_out: bool = False
+    _drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
     endpoints: EndpointRegistry | None = None
 
-    backbones: dict[str, dict[int, ModelEntry]] = field(default_factory=dict)
+    backbones: dict[str, dict[Shape, ModelEntry]] = field(default_factory=dict)
+    costs: dict[str, EntryCost] = field(default_factory=dict)
     lifecycle: ModelLifecycle | None = None
 
-    def entry_for(self, backbone: str, bucket: int) -> ModelEntry:
+    def entry_for(self, name: str) -> ModelEntry:
+        """The served entry the router chose, by name."""
         try:
-            return self.backbones[backbone][bucket]
+            return self.entries[name]
         except KeyError:
             raise RuntimeUnavailable(
-                f"the route chose {backbone} at {bucket} px, whose entry is unloaded; load it with "
-                f"POST /v2/repository/models/{{entry}}/load (entries: POST /v2/repository/index)"
+                f"the route chose {name}, which is unloaded; load it with "
+                f"POST /v2/repository/models/{name}/load (entries: POST /v2/repository/index)"
             ) from None
 
     def serve_entry(self, entry: ModelEntry) -> None:
@@ -69,12 +80,12 @@ class ServingState:
         self._regroup()
 
     def _regroup(self) -> None:
-        """Group the entries again; a derived routing follows the buckets served (a routing file stays)."""
+        """Group the entries again; a derived routing follows the shapes served (a routing file stays)."""
         self.backbones = group_by_backbone(list(self.entries.values()))
         if self.router is None or self.settings.routing is not None:
             return
         try:
-            self.router = build_router(list(self.entries.values()), self.settings)
+            self.router = build_router(list(self.entries.values()), self.settings, self.costs)
         except StartupError as exc:
             log.warning("routing kept", extra={"reason": str(exc)})
 
@@ -97,7 +108,6 @@ class ServingState:
         self.backbones = group_by_backbone(entries)
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
-        self.cpu_pool = ThreadPoolExecutor(settings.threads(), thread_name_prefix="preprocess")
         threads = settings.threads()
         loop = asyncio.get_running_loop()
         self.endpoints = EndpointRegistry(
@@ -116,7 +126,13 @@ class ServingState:
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
-        self.batchers = BatcherGroup(self.metrics)
+        for entry in entries:
+            await loop.run_in_executor(None, self.calibrate, entry, self.runtimes[entry.name])
+        if settings.calibration_out is not None:
+            write_calibration(settings.calibration_out, self.costs)
+        if self.router is not None:
+            self.router = build_router(entries, settings, self.costs)
+        self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
         self.lifecycle = ModelLifecycle(self)
         for entry in entries:
             runtime = self.runtimes[entry.name]
@@ -131,13 +147,14 @@ class ServingState:
         runtime serves the entry at the time, since a new version may swap it."""
         settings = self.settings
         concurrency = self._concurrency(entry)
+        self._decoder(self.pool_of(entry))
         batcher = self.batchers.add(
             run_batch,
             model=entry.name,
             pool=self.pool_of(entry),
             bucket=entry.bucket,
             input_shape=entry.input_shape,
-            max_batch_size=settings.max_batch_size or entry.max_batch_size,
+            max_batch_size=settings.max_batch_size or self.batch_limit(entry),
             max_queue_delay_s=(
                 settings.max_queue_delay_ms / 1000
                 if settings.max_queue_delay_ms is not None
@@ -158,6 +175,44 @@ class ServingState:
             return None
         return lambda: self.runtimes.get(name, runtime).endpoints.capacity()
 
+    def calibrate(self, entry: ModelEntry, runtime: Runtime) -> EntryCost | None:
+        """The entry's cost: from the calibration file, else measured on its (warm) local runtime.
+
+        Remote entries without a file entry are left to the router's FLOP estimate (None). Blocking:
+        call it from a worker thread."""
+        settings = self.settings
+        if not self.costs and settings.calibration is not None:
+            self.costs.update(read_calibration(settings.calibration))
+        if entry.name in self.costs and self.costs[entry.name].source != MEASURED:
+            return self.costs[entry.name]
+        if settings.runtime_for(entry.name, entry.backbone) == "triton":
+            return None
+        self.costs[entry.name] = measure(
+            runtime.run, entry.input_shape, entry.max_batch_size, settings.calibration_max_run_s
+        )
+        log.info("calibrated", extra={"model": entry.name, "seconds": dict(self.costs[entry.name].seconds)})
+        return self.costs[entry.name]
+
+    def batch_limit(self, entry: ModelEntry) -> int:
+        """The batch size with the best calibrated throughput, within config.pbtxt's max_batch_size."""
+        cost = self.costs.get(entry.name)
+        return entry.max_batch_size if cost is None else min(entry.max_batch_size, cost.best_batch)
+
+    def pool_waits(self) -> dict[str, float]:
+        """Expected seconds before a new request of each pool starts: the calibrated time of the work
+        queued and running there. Local entries of a pool share its cores, so their work adds up."""
+        waits: dict[str, float] = defaultdict(float)
+        if self.batchers is None:
+            return waits
+        for batcher in self.batchers:
+            cost = self.costs.get(batcher.model)
+            items = batcher.pending_tokens // batcher.tokens_per_item
+            if cost is not None and items:
+                waits[batcher.pool] += cost.work_seconds(items, batcher.rows) / self._concurrency(
+                    self.entries[batcher.model]
+                )
+        return waits
+
     def _concurrency(self, entry: ModelEntry) -> int:
         """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
         `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
@@ -172,41 +227,79 @@ class ServingState:
             self.inference_pools[key] = ThreadPoolExecutor(concurrency, thread_name_prefix=f"infer-{key}")
         return self.inference_pools[key]
 
+    def _decoder(self, pool: str) -> ThreadPoolExecutor:
+        """Decode threads of one pool: huge windowed-route images never hold the global route's threads."""
+        if pool not in self.decode_pools:
+            self.decode_pools[pool] = ThreadPoolExecutor(
+                self.settings.decoders(), thread_name_prefix=f"decode-{pool}"
+            )
+        return self.decode_pools[pool]
+
+    async def decode(self, pool: str, work: Callable[..., T], *args: object) -> T:
+        """Run `work(*args)` on `pool`'s decode threads, counted in vitserve_decoding{pool}."""
+        gauge = self.metrics.decoding.labels(pool)
+        gauge.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder(pool), work, *args)
+        finally:
+            gauge.dec()
+
     def pool_of(self, entry: ModelEntry) -> str:
         """`global` for global-attention backbones, `windowed` for every other attention kind."""
         if self.router is not None and entry.backbone in self.router.pools:
             return self.router.pools[entry.backbone]
         return "global" if entry.attention == GLOBAL_ATTENTION else "windowed"
 
-    async def stop(self) -> None:
-        """Stop taking work, finish what is queued and running, release the threads."""
+    async def drain(self) -> None:
+        """Stop taking work and finish what is queued and running within `drain_timeout_s`.
+
+        When the timeout runs out every request still unanswered is answered 503 at once (running
+        batches keep their threads, their results are dropped) and `drain_timed_out` is set, which
+        makes the process exit with `service.server.DRAIN_TIMED_OUT`. Safe to call more than once.
+        """
         self.ready = False
         self.draining = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_once())
+        await self._drain_task
+
+    async def _drain_once(self) -> None:
         if self.lifecycle is not None:
             await self.lifecycle.stop_polling()
-        if self.batchers is not None:
-            try:
-                await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+        if self.batchers is None:
+            return
+        try:
+            await asyncio.wait_for(self.batchers.close(drain=True), self.settings.drain_timeout_s)
+        except TimeoutError:
+            self.drain_timed_out = True
+            log.warning("drain timed out", extra={"seconds": self.settings.drain_timeout_s})
+            self.batchers.abort(
+                f"the server is shutting down and its {self.settings.drain_timeout_s} s drain ran out "
+                "before this request finished; retry on another replica"
+            )
+
+    async def stop(self) -> None:
+        """Drain, then release the endpoints and the threads."""
+        await self.drain()
         if self.endpoints is not None:
             self.endpoints.close()
-        for executor in (self.cpu_pool, *self.inference_pools.values()):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (*self.decode_pools.values(), *self.inference_pools.values()):
+            executor.shutdown(wait=False, cancel_futures=True)
         for entry in self.entries.values():
             self.metrics.model_ready.labels(entry.name).set(0)
 
 
-def group_by_backbone(entries: list[ModelEntry]) -> dict[str, dict[int, ModelEntry]]:
-    """backbone -> bucket -> entry, buckets in ascending order."""
-    grouped: dict[str, dict[int, ModelEntry]] = defaultdict(dict)
-    for entry in sorted(entries, key=lambda e: (e.backbone, e.bucket)):
-        grouped[entry.backbone][entry.bucket] = entry
+def group_by_backbone(entries: list[ModelEntry]) -> dict[str, dict[Shape, ModelEntry]]:
+    """backbone -> shape -> entry, shapes in ascending order of pixels."""
+    grouped: dict[str, dict[Shape, ModelEntry]] = defaultdict(dict)
+    for entry in sorted(entries, key=lambda e: (e.backbone, e.shape[0] * e.shape[1], e.shape)):
+        grouped[entry.backbone][entry.shape] = entry
     return dict(grouped)
 
 
-def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
+def build_router(
+    entries: list[ModelEntry], settings: Settings, costs: dict[str, EntryCost] | None = None
+) -> Router:
     """The routing file when given, else one derived from the repository's two backbones."""
     configs = {e.backbone: e.config for e in entries}
     if settings.routing is not None:
@@ -215,13 +308,20 @@ def build_router(entries: list[ModelEntry], settings: Settings) -> Router:
         routing = derive_routing(entries)
     served = group_by_backbone(entries)
     for backbone in routing.backbones().values():
-        missing = set(backbone.buckets) - set(served.get(backbone.model, {}))
+        missing = set(backbone.shapes) - set(served.get(backbone.model, {}))
         if missing:
             raise StartupError(
-                f"routing names {backbone.model} buckets {sorted(missing)} that the repository "
-                f"{settings.repository} does not hold; export them or fix the routing file"
+                f"routing names {backbone.model} buckets {sorted(shape_name(s) for s in missing)} that the "
+                f"repository {settings.repository} does not hold; export them or fix the routing file"
             )
-    return Router(routing, model_configs=configs)
+    return Router(
+        routing,
+        model_configs=configs,
+        entries={(e.backbone, e.shape): e.name for e in entries},
+        costs=costs,
+        policy=settings.routing_policy,
+        target_latency_ms=settings.target_latency_ms,
+    )
 
 
 def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
@@ -239,7 +339,7 @@ def derive_routing(entries: list[ModelEntry]) -> RoutingConfig:
     def route(pool: str) -> BackboneRoute:
         items = by_backbone[pools[pool][0]]
         return BackboneRoute(
-            model=items[0].backbone, config=items[0].arch, buckets=tuple(e.bucket for e in items)
+            model=items[0].backbone, config=items[0].arch, buckets=tuple(e.shape for e in items)
         )
 
     return RoutingConfig(global_backbone=route("global"), windowed_backbone=route("windowed"))

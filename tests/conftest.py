@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from support.digits import DigitsData, load_digits_images, train_digits_model
-from support.repos import build_photo_repository
+from support.repos import DigitsRepository, build_digits_repository, build_photo_repository
 from support.server import ServerProcess, running_server
 
 
@@ -33,7 +33,7 @@ def digits_swin(digits_data: DigitsData) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def photo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shallow global ViT (buckets 224, 384) and windowed Swin (448, 896), exported once per session."""
+    """A shallow global ViT (shapes 192x256, 224, 384) and windowed Swin (448, 896), exported once per session."""
     return build_photo_repository(tmp_path_factory.mktemp("photo_repository"))
 
 
@@ -41,4 +41,27 @@ def photo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def photo_server(photo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`vitserve serve` on the photo repository: default settings, routing derived from the repository."""
     with running_server(tmp_path_factory.mktemp("photo_server"), repository=photo_repository) as server:
+        yield server
+
+
+# --- The trained digits models exported and served (test_service_digits.py, test_explain.py). ---
+
+
+@pytest.fixture(scope="session")
+def digits_repository(
+    tmp_path_factory: pytest.TempPathFactory, digits_vit: nn.Module, digits_swin: nn.Module
+) -> DigitsRepository:
+    return build_digits_repository(tmp_path_factory.mktemp("digits"), digits_vit, digits_swin)
+
+
+@pytest.fixture(scope="session")
+def digits_server(
+    digits_repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """`vitserve serve` on the digits repository with its routing file (digits go to the ViT)."""
+    with running_server(
+        tmp_path_factory.mktemp("digits_server"),
+        repository=digits_repository.path,
+        routing=digits_repository.routing,
+    ) as server:
         yield server

@@ -10,10 +10,14 @@ deterministically without timing assertions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,7 @@ from service.batcher import (
     BatcherGroup,
     BatchError,
     DeadlineExceeded,
+    InferenceTimeout,
     QueueFull,
     ShuttingDown,
 )
@@ -401,3 +406,167 @@ async def test_group_keys_batchers_by_model_and_bucket_and_aggregates_pool_gauge
     assert value(metrics, "vitserve_queue_depth", pool="windowed", model="swin") == 0
     await group.close()
     assert len(group) == 3
+
+
+# --- Exact deadlines across the buckets of one pool, bounded memory, hung runtimes, aborted drains. ---
+
+
+def pool_of_two(
+    metrics: Metrics, gate: threading.Event, **settings: Any
+) -> tuple[Batcher, Batcher, RowSums, RowSums]:
+    """Two buckets of one pool sharing one batch thread, as `ServingState` builds them."""
+    shared = ThreadPoolExecutor(1, thread_name_prefix="shared-pool")
+    group = BatcherGroup(metrics, **settings)
+    small_run, large_run = RowSums(gate), RowSums()
+    common = {"pool": "windowed", "max_batch_size": 4, "max_queue_delay_s": 0.0, "executor": shared}
+    small = group.add(small_run, model="swin", bucket=BUCKET, **common)
+    large = group.add(large_run, model="swin", bucket=2 * BUCKET, **common)
+    return small, large, small_run, large_run
+
+
+@async_test
+async def test_a_batch_waiting_behind_another_buckets_batch_still_expires_and_is_never_computed() -> None:
+    """The issue's reproduction: a batch handed to the shared thread is not running until the thread starts it."""
+    metrics = Metrics()
+    gate = threading.Event()
+    small, large, small_run, large_run = pool_of_two(metrics, gate)
+    blocked = await start_blocked_batch(small, small_run, 1)
+    deadline = time.monotonic() + 0.05
+    late = [asyncio.create_task(large.submit(image(i, bucket=2 * BUCKET), deadline)) for i in (2, 3, 4)]
+    await until(lambda: large.queue_depth == 3)  # handed over or queued, not running
+    for task in late:
+        with pytest.raises(DeadlineExceeded):
+            await task
+    assert large.queue_depth == 0 and large.pending_tokens == 0
+    gate.set()
+    check_own_row(small_run, 1, await blocked)
+    assert (await large.submit(image(5, bucket=2 * BUCKET)))["sum"] == 5 * 4 * PIXELS_PER_IMAGE
+    assert large_run.computed == [5]
+    # The metrics prove it: three requests left the queue, one was computed.
+    assert value(metrics, "vitserve_queue_duration_seconds_count", model="swin") == 1 + 3 + 1
+    assert value(metrics, "vitserve_batch_size_sum", model="swin") == 2
+    await small.close()
+    await large.close()
+
+
+@async_test
+async def test_cancelling_a_request_waiting_for_the_shared_thread_withdraws_it_and_leaves_queue_depth() -> (
+    None
+):
+    metrics = Metrics()
+    gate = threading.Event()
+    small, large, small_run, large_run = pool_of_two(metrics, gate)
+    blocked = await start_blocked_batch(small, small_run, 1)
+    waiting = {i: asyncio.create_task(large.submit(image(i, bucket=2 * BUCKET))) for i in (2, 3)}
+    await until(lambda: large.queue_depth == 2)
+    waiting[2].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[2]
+    assert large.queue_depth == 1
+    assert value(metrics, "vitserve_queue_depth", pool="windowed", model="swin") == 1
+    gate.set()
+    await blocked
+    assert (await waiting[3])["sum"] == 3 * 4 * PIXELS_PER_IMAGE
+    assert large_run.computed == [3]
+    await small.close()
+    await large.close()
+
+
+async def submit_and_withdraw(batcher: Batcher, request_id: int, *, expire: bool) -> weakref.ref:
+    """Submit one image and let its deadline pass or cancel it; a weak reference to its pixels."""
+    pixels = image(request_id)
+    ref = weakref.ref(pixels)
+    task = asyncio.create_task(batcher.submit(pixels, deadline=time.monotonic() + (0.005 if expire else 5)))
+    del pixels
+    await asyncio.sleep(0)  # the task's first step queues the request
+    assert batcher.queue_depth == 1
+    if not expire:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, DeadlineExceeded):
+        await task
+    return ref
+
+
+@async_test
+async def test_expired_and_cancelled_requests_release_their_pixels_at_once_and_free_their_place() -> None:
+    """With a queue of two, forty withdrawn requests neither hold memory nor block the next admission."""
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_queue_size=2, max_batch_size=1)
+    blocked = await start_blocked_batch(batcher, run, 1)
+    refs = [await submit_and_withdraw(batcher, 100 + i, expire=i % 2 == 0) for i in range(40)]
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert batcher.queue_depth == 0 and len(batcher._queue) == 0
+    second = asyncio.create_task(batcher.submit(image(2)))
+    third = asyncio.create_task(batcher.submit(image(3)))
+    await until(lambda: batcher.queue_depth == 2)
+    with pytest.raises(QueueFull):
+        batcher.reserve()
+    gate.set()
+    await asyncio.gather(blocked, second, third)
+    assert run.computed == [1, 2, 3]
+    await batcher.close()
+
+
+@async_test
+async def test_a_pools_byte_budget_bounds_admission_across_its_buckets() -> None:
+    metrics = Metrics()
+    small_bytes = 3 * BUCKET * BUCKET * 4
+    small, large, _, _ = pool_of_two(metrics, threading.Event(), max_queue_bytes=5 * small_bytes)
+    first = large.reserve()  # 4 small images' worth
+    assert value(metrics, "vitserve_queue_bytes", pool="windowed") == 4 * small_bytes
+    second = small.reserve()
+    with pytest.raises(QueueFull, match="queued bytes"):
+        small.reserve()
+    with pytest.raises(QueueFull, match="queued bytes"):
+        large.reserve()
+    first.release()
+    with small.reserve(), small.reserve():
+        assert small.queue_bytes == 3 * small_bytes
+    second.release()
+    assert value(metrics, "vitserve_queue_bytes", pool="windowed") == 0
+    with pytest.raises(QueueFull, match="3 rows"):
+        make(RowSums(), max_queue_size=2).reserve(3)
+
+
+@async_test
+async def test_a_hung_runtime_answers_504_and_keeps_to_its_threads() -> None:
+    """The running request times out at its deadline; those behind it expire unrun; no thread is added."""
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=1)
+    threads_before = threading.active_count()
+    hung = asyncio.create_task(batcher.submit(image(1), deadline=time.monotonic() + 0.1))
+    behind = [
+        asyncio.create_task(batcher.submit(image(i), deadline=time.monotonic() + 0.1)) for i in range(2, 12)
+    ]
+    with pytest.raises(InferenceTimeout):
+        await hung
+    for task in behind:
+        with pytest.raises(DeadlineExceeded):
+            await task
+    # The batcher's one batch thread and one thread of the loop's executor that copies staged batches.
+    assert threading.active_count() <= threads_before + 2
+    assert run.computed == [1]
+    gate.set()
+    check_own_row(run, 12, await batcher.submit(image(12)))
+    await batcher.close()
+
+
+@async_test
+async def test_abort_answers_queued_staged_and_running_requests_at_once() -> None:
+    gate = threading.Event()
+    run = RowSums(gate)
+    batcher = make(run, max_batch_size=1)
+    running = await start_blocked_batch(batcher, run, 1)
+    waiting = [asyncio.create_task(batcher.submit(image(i))) for i in (2, 3, 4)]
+    await until(lambda: batcher.queue_depth == 3)
+    batcher.abort("drain timed out")
+    for task in (running, *waiting):
+        with pytest.raises(ShuttingDown, match="drain timed out"):
+            await task
+    assert batcher.queue_depth == 0
+    gate.set()
+    await batcher.close()
+    assert run.computed == [1]

@@ -21,7 +21,13 @@ from models.checkpoint import (
     save_checkpoint,
 )
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers
+except ImportError as missing:  # a required reference, never a silent skip
+    raise ImportError(
+        "transformers (the reference implementation) is missing: run `make install` "
+        "(installs the dev extra: pip install -e '.[dev]')"
+    ) from missing
 
 LABELS = ("cat", "dog", "bird")
 PREFIX_Q = "vit.encoder.layer.0.attention.attention.query.weight"

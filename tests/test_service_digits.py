@@ -4,13 +4,13 @@ Random weights cannot tell a faithful serving pipeline from one that scrambles p
 has learned the digits can. Each held-out digit is quantized to uint8 RGB (as any image file is),
 sent as a PNG, decoded, routed, preprocessed and batched by the gateway; PyTorch classifies the very
 same uint8 images after the same normalization. Predictions must be identical, scores equal.
-The ViT takes the automatic (global) route; the Swin is reached with the `route=windowed` override.
+Each backbone is reached with the `route=global` / `route=windowed` override (automatic routing picks
+the cheaper by measured cost, since both serve a digit at full detail).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,29 +20,10 @@ import torch
 from torch import nn
 
 from support.digits import DigitsData, normalize
-from support.repos import DIGITS_MAX_GLOBAL_TOKENS, DigitsRepository, build_digits_repository
-from support.server import ServerProcess, encode_image, running_server
+from support.repos import DIGITS_MAX_GLOBAL_TOKENS, DigitsRepository
+from support.server import ServerProcess, encode_image
 
 CONCURRENCY = 16
-
-
-@pytest.fixture(scope="module")
-def digits_repository(
-    tmp_path_factory: pytest.TempPathFactory, digits_vit: nn.Module, digits_swin: nn.Module
-) -> DigitsRepository:
-    return build_digits_repository(tmp_path_factory.mktemp("digits"), digits_vit, digits_swin)
-
-
-@pytest.fixture(scope="module")
-def digits_server(
-    digits_repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("digits_server"),
-        repository=digits_repository.path,
-        routing=digits_repository.routing,
-    ) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +56,7 @@ async def _classify_all(url: str, bodies: list[bytes], params: dict[str, str]) -
 
 @pytest.mark.parametrize(
     "family, params, pool",
-    [("vit", {}, "global"), ("swin", {"route": "windowed"}, "windowed")],
+    [("vit", {"route": "global"}, "global"), ("swin", {"route": "windowed"}, "windowed")],
     ids=["vit global route", "swin windowed route"],
 )
 def test_accuracy_over_http_equals_pytorch(
@@ -107,13 +88,15 @@ def test_accuracy_over_http_equals_pytorch(
 
 
 def test_route_explains_the_digits_routing_file(digits_server: ServerProcess) -> None:
-    """A 32x32 digit is exactly the routing file's token limit: global; one pixel more is windowed."""
+    """Both backbones serve a 32x32 digit at full detail: the one measured cheaper at start-up is taken."""
     small = httpx.get(f"{digits_server.url}/v1/route", params={"width": 32, "height": 32}).json()
-    larger = httpx.get(f"{digits_server.url}/v1/route", params={"width": 33, "height": 32}).json()
 
-    assert (small["model"], small["image_tokens"]) == ("digits_vit", DIGITS_MAX_GLOBAL_TOKENS)
-    assert (larger["model"], larger["pool"]) == ("digits_swin", "windowed")
+    assert small["image_tokens"] == DIGITS_MAX_GLOBAL_TOKENS
     assert {c["model"] for c in small["candidates"]} == {"digits_vit", "digits_swin"}
+    assert [c["detail"] for c in small["candidates"]] == [1.0, 1.0]
+    cheapest = min(small["candidates"], key=lambda c: c["expected_ms"])
+    assert (small["entry"], small["cost_source"]) == (cheapest["entry"], "measured at start-up")
+    assert small["expected_ms"] == cheapest["expected_ms"] > 0
 
 
 def test_served_labels_are_the_checkpoint_labels(digits_repository: DigitsRepository) -> None:

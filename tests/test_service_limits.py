@@ -1,5 +1,6 @@
-"""Limits over HTTP: 413 for too many bytes or pixels, 429 with Retry-After for a full queue, 504 for a
-deadline that passes in the queue, and a client that disconnects while queued is never computed.
+"""Limits over HTTP: 413 for too many bytes or pixels (chunked and multipart included), 408 for a body
+that has not arrived by the deadline, 429 with Retry-After for a full queue, 504 for a deadline that
+passes in the queue, and a client that disconnects mid-upload or while queued is never computed.
 
 Queue states are made deterministic with the batcher's own rule rather than with timing: after a
 batch of more than one request, a request waits the whole max_queue_delay for companions. The server
@@ -159,3 +160,84 @@ def test_client_that_disconnects_while_queued_is_never_computed(limits_server: S
     assert delta.value("vitserve_requests_total", endpoint="classify", status="499") == 1
     assert _computed(url) == computed + 1  # only assert_serves' request
     assert '"level": "error"' not in limits_server.log()  # a hang-up is routine, not a server error
+
+
+def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
+    """`total` bytes as a generator, so httpx sends them chunked with no Content-Length."""
+    for start in range(0, total, size):
+        yield b"\0" * min(size, total - start)
+
+
+def test_chunked_body_over_the_byte_limit_is_413(limits_server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{limits_server.url}/v1/classify", content=_chunks(MAX_BODY_BYTES + 500_000), headers=PNG, timeout=60
+    )
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "payload_too_large")
+    assert_serves(limits_server.url)
+
+
+def test_chunked_multipart_upload_over_the_byte_limit_is_413_without_spooling(
+    limits_server: ServerProcess,
+) -> None:
+    boundary = "vitserve-test-boundary"
+
+    def body() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        yield from _chunks(MAX_BODY_BYTES + 500_000)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = httpx.post(
+        f"{limits_server.url}/v1/classify",
+        content=body(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        timeout=60,
+    )
+    assert_error(response, 413, "payload_too_large")
+    assert_serves(limits_server.url)
+
+
+def _partial_upload(port: int, sent: bytes, declared: int, timeout_ms: int | None = None) -> socket.socket:
+    """A connection that declared `declared` body bytes and sent only `sent`."""
+    extra = f"X-Request-Timeout-Ms: {timeout_ms}\r\n" if timeout_ms else ""
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(
+        (
+            f"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n{extra}"
+            f"Content-Length: {declared}\r\n\r\n"
+        ).encode()
+        + sent
+    )
+    return client
+
+
+def test_slow_upload_times_out_408_at_its_deadline_while_others_are_served(
+    limits_server: ServerProcess,
+) -> None:
+    url = limits_server.url
+    with _partial_upload(limits_server.port, SMALL_PNG[:20], len(SMALL_PNG), timeout_ms=500) as slow:
+        assert_serves(url)  # served while the slow upload holds its connection
+        slow.settimeout(60)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_client_that_disconnects_mid_upload_is_dropped_and_counted(limits_server: ServerProcess) -> None:
+    url = limits_server.url
+    before = scrape_metrics(url)
+    with _partial_upload(limits_server.port, SMALL_PNG[:20], len(SMALL_PNG)):
+        pass
+    wait_until(
+        lambda: (
+            (scrape_metrics(url) - before).value("vitserve_requests_total", endpoint="classify", status="499")
+            == 1
+        ),
+        "the hang-up to be counted",
+    )
+    assert (scrape_metrics(url) - before).value("vitserve_preprocess_duration_seconds_count") == 0
+    assert_serves(url)

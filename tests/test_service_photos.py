@@ -1,7 +1,7 @@
 """Real photographs and synthetic large images, classified over HTTP by a running gateway.
 
-Small images must take the global route and large ones the windowed route, exactly as GET /v1/route
-predicts for their size, and every answer must be what the served ONNX model gives for that image:
+Every image must be served on the route GET /v1/route predicts for its size (the cost policy's
+choice among the repository's shapes), and every answer must be what the served ONNX model gives:
 the reference decodes and preprocesses in-process (the unit-tested imaging and preprocess modules)
 and runs ONNX Runtime directly. One image is also checked against an independent numpy/Pillow
 reference, so a wrong normalization or channel order shared by both paths would still be caught.
@@ -45,27 +45,35 @@ def _sample_jpeg(name: str) -> bytes:
     return next(Path(f).read_bytes() for f in load_sample_images().filenames if Path(f).name == name)
 
 
-# name -> (encoded image, content type, pool the image must be routed to).
-PHOTOS: dict[str, tuple[Callable[[], bytes], str, str]] = {
-    "astronaut 512x512 png": (lambda: encode_image(skimage.data.astronaut()), "image/png", "global"),
-    "coffee 600x400 jpeg": (lambda: encode_image(skimage.data.coffee(), "JPEG"), "image/jpeg", "global"),
-    "camera 512x512 grayscale png": (lambda: encode_image(skimage.data.camera()), "image/png", "global"),
-    "retina 1411x1411 jpeg": (lambda: encode_image(skimage.data.retina(), "JPEG"), "image/jpeg", "windowed"),
-    "hubble 1000x872 jpeg": (
-        lambda: encode_image(skimage.data.hubble_deep_field(), "JPEG"),
-        "image/jpeg",
-        "windowed",
-    ),
-    "china 640x427 jpeg": (lambda: _sample_jpeg("china.jpg"), "image/jpeg", "windowed"),
-    "flower 640x427 jpeg": (lambda: _sample_jpeg("flower.jpg"), "image/jpeg", "windowed"),
-    "synthetic 2048x2048 jpeg": (
-        lambda: encode_image(_synthetic(2048, 2048), "JPEG"),
-        "image/jpeg",
-        "windowed",
-    ),
-    "synthetic 4000x600 png": (lambda: encode_image(_synthetic(600, 4000)), "image/png", "windowed"),
+# name -> (encoded image, content type).
+PHOTOS: dict[str, tuple[Callable[[], bytes], str]] = {
+    "astronaut 512x512 png": (lambda: encode_image(skimage.data.astronaut()), "image/png"),
+    "coffee 600x400 jpeg": (lambda: encode_image(skimage.data.coffee(), "JPEG"), "image/jpeg"),
+    "camera 512x512 grayscale png": (lambda: encode_image(skimage.data.camera()), "image/png"),
+    "retina 1411x1411 jpeg": (lambda: encode_image(skimage.data.retina(), "JPEG"), "image/jpeg"),
+    "hubble 1000x872 jpeg": (lambda: encode_image(skimage.data.hubble_deep_field(), "JPEG"), "image/jpeg"),
+    "china 640x427 jpeg": (lambda: _sample_jpeg("china.jpg"), "image/jpeg"),
+    "flower 640x427 jpeg": (lambda: _sample_jpeg("flower.jpg"), "image/jpeg"),
+    "synthetic 2048x2048 jpeg": (lambda: encode_image(_synthetic(2048, 2048), "JPEG"), "image/jpeg"),
+    "synthetic 4000x600 png": (lambda: encode_image(_synthetic(600, 4000)), "image/png"),
+    "synthetic 256x192 (4:3) png": (lambda: encode_image(_synthetic(192, 256)), "image/png"),
 }
-ROUTE_FIELDS = ("model", "entry", "pool", "bucket", "tokens", "image_tokens", "resize_mode", "reason")
+# Everything but expected_ms/wait (live queues) and the reason that quotes them.
+ROUTE_FIELDS = (
+    "model",
+    "entry",
+    "pool",
+    "shape",
+    "bucket",
+    "tokens",
+    "image_tokens",
+    "resized",
+    "resize_mode",
+    "padding",
+    "detail",
+    "degraded",
+    "policy",
+)
 
 
 @cache
@@ -91,7 +99,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def test_photo_is_classified_on_the_route_that_v1_route_predicts(
     name: str, photo_server: ServerProcess, photo_repository: Path
 ) -> None:
-    encode, content_type, expected_pool = PHOTOS[name]
+    encode, content_type = PHOTOS[name]
     data = encode()
     with Image.open(BytesIO(data)) as image:
         width, height = image.size
@@ -107,14 +115,17 @@ def test_photo_is_classified_on_the_route_that_v1_route_predicts(
 
     assert response.status_code == 200, response.text
     body = response.json()
-    assert predicted["pool"] == expected_pool
     assert {k: body["route"][k] for k in ROUTE_FIELDS} == {k: predicted[k] for k in ROUTE_FIELDS}
+    assert predicted["policy"] == "cost" and not predicted["degraded"]
     assert body["image"] == {"format": content_type.split("/")[1].upper(), "width": width, "height": height}
-    decoded = decode_image(data, **LIMITS, target_side=predicted["bucket"], mode=predicted["resize_mode"])
+    decoded = decode_image(
+        data, **LIMITS, target_side=max(predicted["resized"]), mode=predicted["resize_mode"]
+    )
     entry = read_entry(photo_repository / predicted["entry"])
+    assert list(entry.shape) == predicted["shape"]
     pixels = preprocess(
         decoded.pixels,
-        predicted["bucket"],
+        tuple(predicted["shape"]),
         entry.mean,
         entry.std,
         predicted["resize_mode"],
@@ -130,10 +141,11 @@ def test_photo_is_classified_on_the_route_that_v1_route_predicts(
 def test_embedding_matches_an_independent_pillow_numpy_reference(
     photo_server: ServerProcess, photo_repository: Path
 ) -> None:
-    """512x512 astronaut -> bucket 384: Pillow bilinear resize, (x/255 - mean)/std, CHW, RGB order."""
+    """512x512 astronaut forced to bucket 384: Pillow bilinear resize, (x/255 - mean)/std, CHW, RGB order."""
     astronaut = skimage.data.astronaut()
     response = httpx.post(
         f"{photo_server.url}/v1/embed",
+        params={"bucket": 384},
         files={"image": ("astronaut.png", encode_image(astronaut), "image/png")},
         timeout=60,
     )
@@ -153,14 +165,20 @@ def test_models_lists_every_entry_ready(photo_server: ServerProcess) -> None:
     body = httpx.get(f"{photo_server.url}/v1/models").json()
 
     assert body["ready"] is True
-    assert body["backbones"] == {"swin_windowed": [448, 896], "vit_global": [224, 384]}
+    assert body["backbones"] == {"swin_windowed": ["448", "896"], "vit_global": ["192x256", "224", "384"]}
     assert {(m["name"], m["pool"], m["ready"]) for m in body["models"]} == {
+        ("vit_global_192x256", "global", True),
         ("vit_global_224", "global", True),
         ("vit_global_384", "global", True),
         ("swin_windowed_448", "windowed", True),
         ("swin_windowed_896", "windowed", True),
     }
     assert all(m["runtime"].startswith("onnxruntime") for m in body["models"])
+    # Batch limits are measured: the best throughput found at start-up, within config.pbtxt's cap.
+    for model in body["models"]:
+        assert model["cost_source"] == "measured at start-up"
+        measured = {int(b): s for b, s in model["batch_seconds"].items()}
+        assert model["max_batch_size"] in measured and 1 in measured
 
 
 def _astronaut_as(mode: str, fmt: str) -> bytes:
@@ -215,7 +233,8 @@ def test_exif_orientation_decides_the_route_and_the_reported_size(photo_server: 
 
     assert response.status_code == 200, response.text
     assert response.json()["image"] == {"format": "JPEG", "width": 300, "height": 600}
-    assert response.json()["route"]["resized"] == predicted["resized"] == [384, 192]
+    resized = response.json()["route"]["resized"]
+    assert resized == predicted["resized"] and resized[0] == 2 * resized[1]  # portrait, as oriented
 
 
 def test_openapi_schema_describes_the_typed_api(photo_server: ServerProcess) -> None:

@@ -52,8 +52,12 @@ def test_sigterm_turns_readiness_off_finishes_queued_requests_and_exits_zero(
         )
         assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": False}
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        before = scrape_metrics(server.url)
         late = httpx.post(f"{server.url}/v1/classify", content=SMALL_PNG, headers=PNG, timeout=60)
         assert_error(late, 503, "draining")
+        # Raised by the readiness dependency, before the handler runs, and still counted.
+        delta = scrape_metrics(server.url) - before
+        assert delta.value("vitserve_requests_total", endpoint="classify", status="503") == 1
         assert [q.result().status_code for q in queued] == [200] * QUEUED
         assert server.process.wait(60) == 0
     finally:

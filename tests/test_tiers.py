@@ -233,7 +233,7 @@ def test_stopped_pool_gives_503_and_restart_recovers(tiers, pictures, reference)
 def mlserver(vit_entry: ModelEntry, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """MLServer serving the exported model.onnx under the entry's name; yields (http URL, grpc URL)."""
     if not MLSERVER.exists():
-        pytest.skip(f"{MLSERVER} is missing; create it with `make mlserver-env`")
+        pytest.fail(f"{MLSERVER} is missing; create it with `make mlserver-env`")
     root = tmp_path_factory.mktemp("mlserver")
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     settings = {

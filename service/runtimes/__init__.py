@@ -70,7 +70,13 @@ def load_runtime(
     if kind == "onnxruntime":
         from service.runtimes.ort import OnnxRuntime
 
-        return OnnxRuntime(entry, threads, spinning=settings.ort_spinning)
+        return OnnxRuntime(
+            entry,
+            threads,
+            spinning=settings.ort_spinning,
+            share_weights=settings.ort_share_weights,
+            cpu_arena=settings.ort_cpu_arena,
+        )
     if kind == "torch":
         from service.runtimes.torch_runtime import TorchOptions, TorchRuntime
 

@@ -4,6 +4,12 @@ Providers are picked from what the installed onnxruntime offers: TensorRT and CU
 onnxruntime-gpu and a GPU are present, else CPU. Intra-op threads are set explicitly (the
 gateway runs one session per entry and one batch at a time per session), and the session is
 warmed up at load so the first request does not pay for kernel selection and allocation.
+
+Memory (README "Memory"): the sessions of one backbone share one copy of its weights
+(ort_weights.SharedWeights, `VITSERVE_ORT_SHARE_WEIGHTS`), and the CPU arena is off by default
+(`VITSERVE_ORT_CPU_ARENA`): with one session per shape, per-session arenas each keep their peak
+activations for good, while without them large activation buffers go back to the system after
+each batch.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ import numpy as np
 import onnxruntime as ort
 
 from export.repository import ModelEntry
+from service.runtimes.ort_weights import SharedWeights
 from service.settings import SpinningPolicy
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# One store per process: every session of a backbone finds the weights the first one loaded.
+SHARED_WEIGHTS = SharedWeights()
 
 # How intra-op worker threads wait for their next piece of work (VITSERVE_ORT_SPINNING):
 # - "off": block at once. Every operator of a run then pays a thread wake-up, which adds up
@@ -47,7 +56,15 @@ def available_providers() -> list[str]:
 class OnnxRuntime:
     """One InferenceSession per repository entry."""
 
-    def __init__(self, entry: ModelEntry, threads: int, spinning: SpinningPolicy = "run"):
+    def __init__(
+        self,
+        entry: ModelEntry,
+        threads: int,
+        spinning: SpinningPolicy = "run",
+        *,
+        share_weights: bool = True,
+        cpu_arena: bool = False,
+    ):
         self.entry = entry
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -56,6 +73,10 @@ class OnnxRuntime:
         options.log_severity_level = 3
         for key, value in SPINNING_CONFIG[spinning].items():
             options.add_session_config_entry(key, value)
+        options.enable_cpu_mem_arena = cpu_arena
+        if share_weights:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            SHARED_WEIGHTS.attach(entry.artifact, options)
         self.session = ort.InferenceSession(str(entry.artifact), options, providers=available_providers())
         self._input = entry.input_name
         self._outputs = [entry.logits_name, entry.embedding_name]

@@ -4,8 +4,8 @@ Export time dominates service-test set-up, so the backbones are registry configu
 depth of one or two blocks: the gateway's behaviour (routing, batching, metrics, errors) does not
 depend on depth, and the served numbers are still compared with ONNX Runtime or PyTorch.
 
-- The photo repository pairs a global-attention ViT (buckets 224, 384) with a windowed Swin (448,
-  896) under the names the default routing uses, so `vitserve serve` derives its routing from it.
+- The photo repository pairs a global-attention ViT (shapes 192x256, 224, 384) with a windowed Swin
+  (448, 896) under the names the default routing uses, so `vitserve serve` derives its routing from it.
 - The digits repository serves the trained digits models (tests/support/digits.py) at their
   training size with a routing file, so accuracy over HTTP can be compared with PyTorch's.
 """
@@ -30,7 +30,7 @@ class Backbone:
 
     name: str
     model: str
-    buckets: tuple[int, ...]
+    buckets: tuple[int | tuple[int, int], ...]
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def export(self, repository: Path, checkpoint: Path | None = None, artifact_format: str = "onnx") -> None:
@@ -49,7 +49,7 @@ class Backbone:
         return BackboneRoute(model=self.name, config=self.model, buckets=self.buckets)
 
 
-PHOTO_GLOBAL = Backbone("vit_global", "vit_tiny_patch16_224", (224, 384), {"depth": 2})
+PHOTO_GLOBAL = Backbone("vit_global", "vit_tiny_patch16_224", ((192, 256), 224, 384), {"depth": 2})
 PHOTO_WINDOWED = Backbone(
     "swin_windowed",
     "swin_tiny_patch4_window7_224",
