@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
     )
     ort_spinning: SpinningPolicy = Field(
-        "run",
+        "off",
         description="ONNX Runtime intra-op threads: off (never spin), run (spin between operators only "
         "while a batch runs), always (also between batches, starving decoding under load).",
     )

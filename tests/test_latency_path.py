@@ -63,7 +63,7 @@ def test_spinning_policy_reaches_the_session(photo_repository: Path, policy: str
 
 
 def test_spinning_policy_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().ort_spinning == "run"
+    assert Settings().ort_spinning == "off"
     monkeypatch.setenv("VITSERVE_ORT_SPINNING", "always")
     assert Settings().ort_spinning == "always"
     monkeypatch.setenv("VITSERVE_ORT_SPINNING", "true")

@@ -32,7 +32,8 @@ SHARED_WEIGHTS = SharedWeights()
 #   end of each run the workers stop spinning (force_spinning_stop). Inside a run the workers
 #   would idle anyway between operators, while between runs the cores belong to the decode and
 #   preprocess threads of the next requests. Spinning happens only while the session holds the
-#   cores; measured in bench.serving against the other two.
+#   cores. In bench.serving on the shared 2-core machine (other jobs runnable) `off` answered
+#   fastest, `run` second, `always` last, so `off` stays the default until a quiet run says otherwise.
 # - "always": ONNX Runtime's default: workers also keep spinning after a run returns, which is
 #   fastest for back-to-back runs in an otherwise idle process and starves the gateway's other
 #   threads under load.
@@ -60,7 +61,7 @@ class OnnxRuntime:
         self,
         entry: ModelEntry,
         threads: int,
-        spinning: SpinningPolicy = "run",
+        spinning: SpinningPolicy = "off",
         *,
         share_weights: bool = True,
         cpu_arena: bool = False,
