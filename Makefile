@@ -22,10 +22,14 @@ FIRST_STAMP := $(REPOSITORY)/.first-buckets-complete
 cli_flag = $(if $(filter command line,$(origin $(1))),--$(2) $($(1)))
 SERVE_FLAGS = $(call cli_flag,HOST,host) $(call cli_flag,PORT,port) $(call cli_flag,POLL_S,poll-s)
 # The default repository: a global-attention ViT for small inputs, a windowed Swin for large ones.
-GLOBAL_MODEL ?= vit_tiny_patch16_224
-GLOBAL_BUCKETS ?= 224,384
+# ViT-S/16 and Swin-T are matched at 224 (ImageNet top-1 79.9 / 81.2%, 4.6 / 4.5 GFLOPs, per their
+# papers), so the crossover the router measures between them means something. Shapes: one per aspect
+# class 1:3 .. 3:1 (export/shapes.py aspect_ladder: ViT at ~224^2, Swin at ~448^2 and ~896^2), the
+# square first so `make serve` starts on it while the others export.
+GLOBAL_MODEL ?= vit_small_patch16_224
+GLOBAL_BUCKETS ?= 224,384x128,336x144,288x160,256x192,192x256,160x288,144x336,128x384
 WINDOWED_MODEL ?= swin_tiny_patch4_window7_224
-WINDOWED_BUCKETS ?= 448,672,896,1344
+WINDOWED_BUCKETS ?= 448,896,756x252,700x308,588x336,532x392,392x532,336x588,308x700,252x756,1568x532,1372x588,1204x672,1008x756,756x1008,672x1204,588x1372,532x1568
 PYTEST_ARGS ?=
 # While `make serve` exports the other buckets, the server scans the repository this often (unless
 # VITSERVE_POLL_S or POLL_S says otherwise) and loads each entry as it is published.
@@ -67,9 +71,10 @@ $(MLSERVER_STAMP):
 
 mlserver-env: $(MLSERVER_STAMP)
 
-# promtool (Debian's prometheus package) checks the deploy rules; kubectl with kustomize ships with the machine image.
+# Debian's prometheus package: promtool checks the deploy rules, prometheus runs in the local cluster
+# test (tests/test_cluster.py); kubectl with kustomize ships with the machine image.
 tools:
-	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is required: install the kubectl package" >&2; exit 1; }
 

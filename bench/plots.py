@@ -74,7 +74,7 @@ def attention_lines(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -
 
 def phase_bars(rows: Sequence[Mapping[str, Any]], phases: Sequence[str], title: str, path: Path) -> None:
     """One horizontal bar per run, split into its phases (seconds), with the total at its end."""
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9, 1.8 + 0.6 * len(rows)))
     for index, row in enumerate(rows):
         left = 0.0
         for phase in phases:
@@ -82,9 +82,10 @@ def phase_bars(rows: Sequence[Mapping[str, Any]], phases: Sequence[str], title: 
             left += row[phase]
         ax.annotate(f"{left:.0f} s", (left, index), xytext=(4, 0), textcoords="offset points", va="center")
     ax.set_yticks(range(len(rows)), [row["run"] for row in rows])
+    ax.set_xlim(0, max(sum(row[phase] for phase in phases) for row in rows) * 1.12)
     ax.set_xlabel("seconds from `make serve`")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(phases), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -29,6 +29,7 @@ from torch import nn
 from export.errors import VerificationError
 from export.shapes import ShapeSpec, as_shape, shape_name
 from export.torchscript_export import count_sdpa_ops
+from models.layers.attention import get_variant
 
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 INT8_MIN_COSINE = 0.99
@@ -63,8 +64,9 @@ class VerificationReport:
 
 
 def softmax_attention_layers(model: nn.Module) -> int:
-    """Attention layers that use softmax (all but linear attention)."""
-    return sum(kind != "linear" for kind in model.config.attention_kinds)
+    """Attention layers that run softmax attention (each variant says whether it does); an unknown
+    kind raises ValueError rather than being counted either way."""
+    return sum(get_variant(kind).softmax for kind in model.config.attention_kinds)
 
 
 def onnx_op_counts(path: Path) -> Counter:

@@ -1,7 +1,7 @@
 """vitserve model library: ViT-family backbones built from attention variants, with a cost model."""
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
 from models.cost import Cost, estimate_cost
 from models.output import ModelOutput
 from models.registry import build_model, create_model, get_config, list_models, register
@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "Cost",
     "ModelOutput",
+    "NATConfig",
     "SwinConfig",
     "ViTConfig",
     "build_model",

@@ -1,15 +1,21 @@
-"""Load ViT and Swin weights from Hugging Face checkpoints or our own files, and save our own.
+"""Load ViT and Swin weights from Hugging Face or timm checkpoints or our own files, and save our own.
 
 Accepted by `load_checkpoint`:
 - a Hugging Face model folder: `config.json` plus `model.safetensors` (or `pytorch_model.bin`), as written
   by `save_pretrained` for ViTModel, ViTForImageClassification, SwinModel and SwinForImageClassification.
-  An optional `preprocessor_config.json` supplies `image_mean` / `image_std`.
-- a bare `.safetensors` or `.bin` state dict in a Hugging Face layout; it carries no architecture, so the
-  `config` argument defines it.
+  An optional `preprocessor_config.json` supplies the preprocessing (models.preprocessing).
+- a timm model folder (`push_to_hf_hub`): `config.json` with `architecture` (a registry name, tag
+  dropped), `num_classes`, `label_names` and `pretrained_cfg` (preprocessing), plus the weights.
+- a bare `.safetensors` or `.bin` state dict in our names (`save_file(model.state_dict(), ...)`), in
+  timm's ViT / Swin names or in a Hugging Face layout; it carries no architecture, so the `config`
+  argument defines it, and the layout that places most of its tensors in that model is used.
 - a `.safetensors` file written by `save_checkpoint`: our parameter names, with our config (labels
   included) as JSON under the `vitserve_config` metadata key.
 
-Hugging Face key layouts, each with or without the `vit.` / `swin.` prefix of the classification models:
+timm's names are ours except ViT's `pos_embed` (ours `pos_embed.weight`) and Swin's `layers.S` (ours
+`stages.S`), whose merge opens stage S+1 since timm 0.9 (ours ends stage S) and whose head is
+`head.fc`; the earlier timm Swin layout is accepted too, its `relative_position_index` / `attn_mask`
+buffers dropped. Hugging Face key layouts, each with or without the `vit.` / `swin.` prefix of the classification models:
 - transformers 4.x (also what transformers 5.x `save_pretrained` writes): `encoder.layer.N.attention.
   attention.query|key|value`, `attention.output.dense`, `intermediate.dense`, `output.dense`; Swin
   `encoder.layers.S.blocks.M.attention.self.query|key|value|relative_position_bias_table`.
@@ -354,7 +360,7 @@ class MappedLayout:
 def candidate_layouts(family: str, keys: Iterable[str], known: set[str]) -> list[KeyLayout]:
     """Every layout a bare state dict of `family` may be in, ours first."""
     keys = list(keys)
-    return [OwnLayout(known)] + [MappedLayout(*spec, keys) for spec in LAYOUTS[family]]
+    return [OwnLayout(known)] + [MappedLayout(*spec, keys) for spec in LAYOUTS.get(family, ())]
 
 
 def choose_layout(state: Mapping[str, torch.Tensor], family: str, known: set[str]) -> KeyLayout:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from models.layers.attention import ATTENTION_KINDS
+from models.layers.attention import VARIANTS, get_variant
 from models.layers.pos_embed import POS_EMBED_KINDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,14 +101,15 @@ class BackboneConfig:
         """Rebuild a config of the right family from `to_dict()` output."""
         data = dict(data)
         family = data.pop("family", None)
-        classes = {cls.family: cls for cls in (ViTConfig, SwinConfig)}
+        classes = {cls.family: cls for cls in (ViTConfig, SwinConfig, NATConfig)}
         if family not in classes:
             raise ValueError(f"unknown model family {family!r}; known: {sorted(classes)}")
         return classes[family]().replace(**data)
 
 
 def _freeze(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    """Lists (from JSON) as tuples, nested ones too, so configs stay hashable."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,14 @@ class ViTConfig(BackboneConfig):
         super().__post_init__()
         if self.pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBED_KINDS}")
-        allowed = tuple(k for k in ATTENTION_KINDS if k != "window")
+        allowed = tuple(k for k in VARIANTS if k != "window")
         if not self.attention or any(k not in allowed for k in self.attention):
             raise ValueError(f"ViT attention {self.attention} must be a non-empty cycle of {allowed}")
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if self.class_token and any(k != "global" for k in self.attention):
+        if self.class_token and any(not get_variant(k).prefix_tokens for k in self.attention):
             raise ValueError("spatial attention variants need class_token=False and global_pool='avg'")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -154,7 +155,7 @@ class ViTConfig(BackboneConfig):
 
     @property
     def window(self) -> int:
-        return self.partition_size if {"block", "grid"} & set(self.attention) else 0
+        return self.partition_size if any(get_variant(k).partitioned for k in self.attention) else 0
 
     @property
     def base_grid(self) -> tuple[int, int]:
@@ -200,12 +201,73 @@ class SwinConfig(BackboneConfig):
         return tuple("window" for depth in self.depths for _ in range(depth))
 
 
+@dataclass(frozen=True)
+class NATConfig(BackboneConfig):
+    """Hierarchical neighborhood-attention transformer: NAT (Hassani et al. 2023) and, with per-stage
+    `dilations`, DiNAT (Hassani & Shi 2022).
+
+    An overlapping tokenizer (two 3x3 stride-2 convolutions, so `patch_size` is the total stride 4),
+    stages of neighborhood-attention blocks with a learned relative position bias, and a 3x3 stride-2
+    convolution (+ LayerNorm) between stages that halves the grid and doubles the width. `dilations`
+    holds one tuple per stage with one dilation per block; empty means all 1 (NAT).
+    """
+
+    family: ClassVar[str] = "nat"
+    patch_size: int = 4
+    embed_dim: int = 64
+    depths: tuple[int, ...] = (3, 4, 18, 5)
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)
+    mlp_ratio: float = 3.0
+    kernel_size: int = 7
+    dilations: tuple[tuple[int, ...], ...] = ()
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.patch_size != 4:
+            raise ValueError(
+                f"NAT's tokenizer is two stride-2 convolutions: patch_size must be 4, got {self.patch_size}"
+            )
+        if len(self.depths) != len(self.num_heads) or not self.depths:
+            raise ValueError("depths and num_heads need one entry per stage")
+        if self.dilations and [len(d) for d in self.dilations] != list(self.depths):
+            raise ValueError(
+                f"dilations {self.dilations} need one tuple per stage with one value per block {self.depths}"
+            )
+        if any(d < 1 for stage in self.dilations for d in stage):
+            raise ValueError(f"dilations must be >= 1, got {self.dilations}")
+        for stage, heads in enumerate(self.num_heads):
+            if self.stage_dim(stage) % heads:
+                raise ValueError(
+                    f"stage {stage} width {self.stage_dim(stage)} is not divisible by {heads} heads"
+                )
+
+    def stage_dim(self, stage: int) -> int:
+        return self.embed_dim * 2**stage
+
+    def dilation(self, stage: int, block: int) -> int:
+        return self.dilations[stage][block] if self.dilations else 1
+
+    @property
+    def num_features(self) -> int:
+        return self.stage_dim(len(self.depths) - 1)
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        return tuple(
+            "neighborhood" if self.dilation(s, b) == 1 else "dilated"
+            for s, depth in enumerate(self.depths)
+            for b in range(depth)
+        )
+
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
     "RESIZE_POLICIES",
     "BackboneConfig",
+    "NATConfig",
     "SwinConfig",
     "ViTConfig",
 ]

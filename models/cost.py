@@ -7,12 +7,13 @@ speed, so they count what the modules in models/ actually execute, not an ideali
   `torch.utils.flop_counter.FlopCounterMode` counts them; norms, activations, softmax and
   position encodings are elementwise and left out, as there.
 - The input is padded to a patch multiple (`ceil(H/p) x ceil(W/p)` tokens).
-- Partitioned attention (Swin windows, MaxViT block/grid) pads the feature map to a partition
-  multiple; the padded tokens go through qkv, attention and the output projection.
-- Neighborhood and dilated attention run as full SDPA with a boolean mask, so their executed
-  attention FLOPs and score memory equal global attention's (N^2), not the ideal N * k^2.
-- Linear attention computes phi(K)^T V, phi(Q) (phi(K)^T V) and the normalizer phi(Q) sum phi(K):
-  4 N d^2 + 2 N d per head; it materializes no score matrix.
+- Token mixing is costed by each attention variant's own `cost` (models/layers/attention/, one
+  file per variant; an unknown kind is an error): partitioned attention (Swin windows, MaxViT
+  block/grid) pads the feature map to a partition multiple and the padded tokens go through qkv,
+  attention and the output projection; neighborhood and dilated attention run as full SDPA with a
+  boolean mask, so their executed attention FLOPs and score memory equal global attention's (N^2),
+  not the ideal N * k^2; linear attention computes phi(K)^T V, phi(Q) (phi(K)^T V) and the
+  normalizer, 4 N d^2 + 2 N d per head, and materializes no score matrix.
 - Class tokens take part in the qkv, attention and MLP cost of ViT (not in `tokens`).
 - Swin patch merging pads odd grids before halving them.
 
@@ -24,12 +25,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
+from models.layers.attention import MixingShape, get_variant
 from models.layers.patch_embed import padded_grid
 from models.registry import get_config
 
 FP32_BYTES = 4
-PARTITIONED_KINDS = ("window", "block", "grid")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def _estimate(config: BackboneConfig, height: int, width: int, batch: int) -> Co
         return _vit_cost(config, height, width, batch)
     if isinstance(config, SwinConfig):
         return _swin_cost(config, height, width, batch)
-    raise TypeError(f"no cost model for config family {config.family!r}; expected a ViTConfig or SwinConfig")
+    if isinstance(config, NATConfig):
+        return _nat_cost(config, height, width, batch)
+    raise TypeError(f"no cost model for config family {config.family!r}; expected a ViT, Swin or NAT config")
 
 
 class _Tally:
@@ -122,22 +125,12 @@ def _block(
     qkv_bias: bool,
     partition: int,
 ) -> None:
-    """One pre-norm transformer block (models.layers.block.Block) around attention `kind`."""
+    """One pre-norm transformer block (models.layers.block.Block) around attention `kind`; the
+    variant itself (models/layers/attention/) costs its token mixing."""
     tokens = prefix + grid[0] * grid[1]
-    head_dim = dim // heads
-    mixed = tokens
-    if kind in PARTITIONED_KINDS:
-        rows, cols = padded_grid(grid[0], grid[1], partition)
-        mixed = rows * cols * partition * partition
-        tally.params += (2 * partition - 1) ** 2 * heads
+    mixed = get_variant(kind).cost(tally, MixingShape(grid, prefix, dim, heads, partition))
     tally.norm(dim)
     tally.dense(mixed, dim, 3 * dim, qkv_bias)
-    if kind in PARTITIONED_KINDS:
-        tally.softmax_attention(mixed // partition**2, partition**2, heads, head_dim)
-    elif kind == "linear":
-        tally.linear_attention(mixed, heads, head_dim)
-    else:
-        tally.softmax_attention(1, tokens, heads, head_dim)
     tally.dense(mixed, dim, dim)
     tally.norm(dim)
     hidden = int(dim * mlp_ratio)
@@ -214,6 +207,38 @@ def _swin_cost(config: SwinConfig, height: int, width: int, batch: int) -> Cost:
             grid = padded_grid(grid[0], grid[1], 2)
             tally.norm(4 * dim)
             tally.dense(grid[0] * grid[1], 4 * dim, 2 * dim, bias=False)
+    _head(tally, config, config.num_features)
+    return _finish(tally, tuple(stage_tokens))
+
+
+def _halved(grid: tuple[int, int]) -> tuple[int, int]:
+    """A 3x3 stride-2 convolution with padding 1 maps a side s to ceil(s / 2)."""
+    return padded_grid(grid[0], grid[1], 2)
+
+
+def _nat_cost(config: NATConfig, height: int, width: int, batch: int) -> Cost:
+    """Convolutions are costed as dense layers over their output positions (fan-in = channels x 9);
+    each block's neighborhood attention by its variant, plus its (2k-1)^2 x heads bias table."""
+    tally = _Tally(batch)
+    half = config.embed_dim // 2
+    grid = _halved((height, width))
+    tally.dense(grid[0] * grid[1], config.in_chans * 9, half)
+    grid = _halved(grid)
+    tally.dense(grid[0] * grid[1], half * 9, config.embed_dim)
+    tally.norm(config.embed_dim)
+    kinds = iter(config.attention_kinds)
+    stage_tokens = []
+    last = len(config.depths) - 1
+    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads, strict=True)):
+        dim = config.stage_dim(stage)
+        stage_tokens.append(grid[0] * grid[1])
+        for _ in range(depth):
+            _block(tally, next(kinds), grid, 0, dim, heads, config.mlp_ratio, config.qkv_bias, 0)
+            tally.params += heads * (2 * config.kernel_size - 1) ** 2
+        if stage < last:
+            grid = _halved(grid)
+            tally.dense(grid[0] * grid[1], 9 * dim, 2 * dim, bias=False)
+            tally.norm(2 * dim)
     _head(tally, config, config.num_features)
     return _finish(tally, tuple(stage_tokens))
 

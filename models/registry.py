@@ -13,12 +13,17 @@ from typing import Any
 
 from torch import nn
 
-from models.config import BackboneConfig, SwinConfig, ViTConfig
+from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
+from models.nat import NeighborhoodTransformer
 from models.swin import SwinTransformer
 from models.vit import VisionTransformer
 
 _REGISTRY: dict[str, BackboneConfig] = {}
-_BUILDERS: dict[str, type[nn.Module]] = {"vit": VisionTransformer, "swin": SwinTransformer}
+_BUILDERS: dict[str, type[nn.Module]] = {
+    "vit": VisionTransformer,
+    "swin": SwinTransformer,
+    "nat": NeighborhoodTransformer,
+}
 
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -27,13 +32,19 @@ SWIN_SIZES = {
     "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
 }
-# Trunks composed from the other attention variants: (name stem, overrides).
+# Hierarchical NAT / DiNAT (NATTEN's tiny configurations): (embed_dim, depths, heads, mlp_ratio).
+NAT_SIZES = {"tiny": (64, (3, 4, 18, 5), (2, 4, 8, 16), 3.0)}
+# DiNAT's per-block dilations at 224 px: each stage alternates 1 with (stage grid) / kernel (56/7 = 8, 28/7 = 4, 14/7 = 2).
+DINAT_224_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
+# Trunks composed from the other attention variants: (name stem, overrides). The `_iso` names say
+# what they are: isotropic stride-16 ViT trunks with another token mixer, not the hierarchical NAT,
+# DiNAT or MaxViT of the papers (no convolutional tokenizer, downsamplers or per-stage settings).
 COMPOSED_VIT_VARIANTS = {
     "vit_{size}_patch16_rope_224": {"pos_embed": "rope_2d"},
     "vit_{size}_patch16_sincos_224": {"pos_embed": "sincos_2d"},
     "vit_{size}_patch16_pos2d_224": {"pos_embed": "learned_2d"},
-    "nat_{size}_patch16_224": {"attention": ("neighborhood",)},
-    "dinat_{size}_patch16_224": {"attention": ("neighborhood", "dilated")},
+    "nat_iso_{size}_patch16_224": {"attention": ("neighborhood",)},
+    "dinat_iso_{size}_patch16_224": {"attention": ("neighborhood", "dilated")},
     "maxvit_iso_{size}_patch16_224": {"attention": ("block", "grid")},
     "linvit_{size}_patch16_224": {"attention": ("linear",)},
 }
@@ -102,6 +113,10 @@ def _register_defaults() -> None:
             if "attention" in overrides:
                 overrides = {**overrides, "class_token": False, "global_pool": "avg"}
             register(pattern.format(size=size), base.replace(**overrides))
+    for size, (dim, depths, heads, mlp_ratio) in NAT_SIZES.items():
+        nat = NATConfig(embed_dim=dim, depths=depths, num_heads=heads, mlp_ratio=mlp_ratio)
+        register(f"nat_{size}_224", nat)
+        register(f"dinat_{size}_224", nat.replace(dilations=DINAT_224_DILATIONS))
     for size, (dim, depths, heads) in SWIN_SIZES.items():
         for window, res in ((7, 224), (12, 384)):
             register(

@@ -7,16 +7,13 @@ feature map fits inside one window run without the cyclic shift.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import SwinConfig
-from models.features import feature_indices, tokens_to_map
+from models.hierarchical import HierarchicalBackbone
 from models.layers import Block, PatchEmbed, build_attention, init_weights
-from models.output import ModelOutput
 
 # The reference Swin normalizes the patch embedding and the merge input with LayerNorm's default eps.
 STEM_NORM_EPS = 1e-5
@@ -78,7 +75,7 @@ class SwinStage(nn.Module):
         return merged, merged_grid, x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(HierarchicalBackbone):
     """Patch embedding (+norm) -> stages -> norm -> mean pool -> head."""
 
     def __init__(self, config: SwinConfig):
@@ -94,41 +91,3 @@ class SwinTransformer(nn.Module):
             nn.Linear(config.num_features, config.num_classes) if config.num_classes else nn.Identity()
         )
         self.apply(init_weights)
-
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Final normed tokens of the last stage (B, N, C)."""
-        x, grid = self.patch_embed(pixel_values)
-        for stage in self.stages:
-            x, grid, _ = stage(x, grid)
-        return self.norm(x)
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Mean-pool `forward_features` output, then classify; `pre_logits=True` returns the embedding."""
-        embedding = features.mean(dim=1)
-        return embedding if pre_logits else self.head(embedding)
-
-    def forward_intermediates(
-        self,
-        pixel_values: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (before the merge that follows) as (B, C, H, W) maps, timm's API; `norm`
-        applies the final norm to the last stage's map, the only one of its width."""
-        take = feature_indices(indices, len(self.stages))
-        x, grid = self.patch_embed(pixel_values)
-        maps = []
-        for index, stage in enumerate(self.stages):
-            stage_grid = grid
-            x, grid, out = stage(x, grid)
-            if index in take:
-                last = index == len(self.stages) - 1
-                maps.append(tokens_to_map(self.norm(out) if norm and last else out, stage_grid))
-        if intermediates_only:
-            return maps
-        return self.norm(x), maps
-
-    def forward(self, pixel_values: torch.Tensor) -> ModelOutput:
-        embedding = self.forward_head(self.forward_features(pixel_values), pre_logits=True)
-        return ModelOutput(self.head(embedding), embedding)

@@ -9,10 +9,10 @@ See `service.lifecycle` for what a load checks.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, ValidationError
 
 from service.dependencies import ready_state
 from service.errors import APIError
@@ -38,13 +38,31 @@ class ModelControlRequest(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[Body]) -> Body:
+    """The optional JSON body: tritonclient sends none, an empty string or `{}` for the defaults."""
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        raise APIError(
+            400, "invalid_request", f"invalid {request.url.path} body at {where}: {error['msg']}"
+        ) from exc
+
+
 # tritonclient's unload_model always sends it; vitserve has no ensembles, so there are no dependents.
 IGNORED_PARAMETERS = {"unload_dependents"}
 
 
-def _no_overrides(request: ModelControlRequest | None) -> None:
+def _no_overrides(request: ModelControlRequest) -> None:
     """Triton can take a config or files in the request; vitserve loads only what the repository holds."""
-    unsupported = sorted(set(request.parameters) - IGNORED_PARAMETERS) if request is not None else []
+    unsupported = sorted(set(request.parameters) - IGNORED_PARAMETERS)
     if unsupported:
         raise APIError(
             400,
@@ -56,29 +74,25 @@ def _no_overrides(request: ModelControlRequest | None) -> None:
 
 @router.post("/index", response_model=list[RepositoryIndexEntry], responses=ERRORS)
 async def repository_index(
-    state: Annotated[ServingState, Depends(ready_state)],
-    request: Annotated[RepositoryIndexRequest | None, Body()] = None,
+    request: Request, state: Annotated[ServingState, Depends(ready_state)]
 ) -> list[dict[str, str]]:
-    return state.lifecycle.index(ready_only=request is not None and request.ready)
+    body = await _body(request, RepositoryIndexRequest)
+    return state.lifecycle.index(ready_only=body.ready)
 
 
 @router.post("/models/{model}/load", responses=ERRORS)
 async def load_model(
-    model: str,
-    state: Annotated[ServingState, Depends(ready_state)],
-    request: Annotated[ModelControlRequest | None, Body()] = None,
+    model: str, request: Request, state: Annotated[ServingState, Depends(ready_state)]
 ) -> dict:
-    _no_overrides(request)
+    _no_overrides(await _body(request, ModelControlRequest))
     await state.lifecycle.load(model)
     return {}
 
 
 @router.post("/models/{model}/unload", responses=ERRORS)
 async def unload_model(
-    model: str,
-    state: Annotated[ServingState, Depends(ready_state)],
-    request: Annotated[ModelControlRequest | None, Body()] = None,
+    model: str, request: Request, state: Annotated[ServingState, Depends(ready_state)]
 ) -> dict:
-    _no_overrides(request)
+    _no_overrides(await _body(request, ModelControlRequest))
     await state.lifecycle.unload(model)
     return {}

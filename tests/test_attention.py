@@ -12,9 +12,9 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import models.layers.attention as attention_module
 from models.layers.attention import build_attention
 from models.layers.pos_embed import RotaryEmbedding2D
 
@@ -141,7 +141,8 @@ def reference_partitioned(
     attn: nn.Module, x: torch.Tensor, grid: tuple[int, int], size: int, shift: int, mode: str
 ) -> torch.Tensor:
     """Zero-pad to a multiple of P, roll by -shift (only when the grid exceeds one window), attend inside
-    each partition with relative bias and the -100 seam mask, roll back and crop."""
+    each partition with relative bias and the -100 seam mask, roll back and crop. Grid partitions
+    never attend to padding (it sits among real tokens); windows do, as the reference Swin does."""
     batch, _, channels = x.shape
     height, width = grid
     padded_h, padded_w = math.ceil(height / size) * size, math.ceil(width / size) * size
@@ -161,6 +162,10 @@ def reference_partitioned(
                 for b in range(len(ids)):
                     if ids[a] != ids[b]:
                         mask[a, b] = SHIFT_MASK
+        if mode == "grid":
+            for b, (row, col) in enumerate(positions):
+                if row >= height or col >= width:
+                    mask[:, b] = -math.inf
         q, k, v = project(attn, rolled[:, ys, xs])
         out[:, ys, xs] = merge(attn, softmax_attention(q, k, v, bias + mask))
     out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
@@ -283,7 +288,9 @@ def test_block_attention_is_unshifted_windows(grid: tuple[int, int], size: int) 
     torch.testing.assert_close(attn(x, grid), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize(("grid", "size"), [((6, 9), 3), ((8, 4), 2), ((7, 5), 3), ((2, 3), 4)])
+@pytest.mark.parametrize(
+    ("grid", "size"), [((6, 9), 3), ((8, 4), 2), ((7, 5), 3), ((2, 3), 4), ((10, 11), 4)]
+)
 def test_grid_attention_matches_reference(grid: tuple[int, int], size: int) -> None:
     attn = make_attention("grid", partition_size=size)
     x = tokens(grid)
@@ -333,13 +340,13 @@ def test_softmax_variants_run_fused_attention(
     monkeypatch: pytest.MonkeyPatch, kind: str, kwargs: dict, expected_calls: int
 ) -> None:
     calls = []
-    real = attention_module.F.scaled_dot_product_attention
+    real = F.scaled_dot_product_attention
 
     def counting(*args: object, **kw: object) -> torch.Tensor:
         calls.append(kind)
         return real(*args, **kw)
 
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     attn = make_attention(kind, **kwargs)
     grid = (4, 6)
     attn(tokens(grid, kwargs.get("num_prefix_tokens", 0)), grid)

@@ -50,10 +50,12 @@ CASES = [
     ("vit_tiny_patch16_pos2d_224", {"depth": 1}, 200, 328),
     ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2)}, 224, 224),
     ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2)}, 300, 400),
-    ("nat_tiny_patch16_224", {"depth": 2}, 200, 328),
-    ("dinat_tiny_patch16_224", {"depth": 2}, 224, 224),
+    ("nat_iso_tiny_patch16_224", {"depth": 2}, 200, 328),
+    ("dinat_iso_tiny_patch16_224", {"depth": 2}, 224, 224),
     ("maxvit_iso_tiny_patch16_224", {"depth": 2}, 200, 328),
     ("linvit_tiny_patch16_224", {"depth": 2}, 200, 328),
+    ("nat_tiny_224", {"depths": (1, 1, 2, 1)}, 96, 120),
+    ("dinat_tiny_224", {"depths": (2, 1, 1, 1), "dilations": ((1, 2), (1,), (1,), (1,))}, 100, 90),
 ]
 
 
@@ -87,7 +89,7 @@ def test_attention_bytes_is_the_largest_score_matrix():
 
 def test_masked_neighborhood_attention_costs_what_global_attention_costs():
     spatial_vit = get_config("vit_tiny_patch16_224", class_token=False, global_pool="avg")
-    for name in ("nat_tiny_patch16_224", "dinat_tiny_patch16_224"):
+    for name in ("nat_iso_tiny_patch16_224", "dinat_iso_tiny_patch16_224"):
         assert (
             estimate_cost(name, 448, 448).attention_flops
             == estimate_cost(spatial_vit, 448, 448).attention_flops

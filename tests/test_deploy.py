@@ -412,13 +412,20 @@ def test_gateway_sends_each_backbone_to_the_pool_that_serves_it(overlay: str) ->
         assert url.hostname, f"TRITON_URLS has no URL for {backbone.name} or pool {backbone.pool}"
         service = b.get("Service", url.hostname)
         assert b.deployments_selected(service["spec"]["selector"]) == [pool_deployment]
+        # The gateway resolves the pool's replicas itself and balances every batch over them: a
+        # ClusterIP would balance connections, which the gateway keeps open.
+        assert url.scheme.startswith("dns+"), f"{url.geturl()} is not re-resolved to the pool's replicas"
+        assert service["spec"].get("clusterIP") == "None", f"Service {url.hostname} is not headless"
+        protocol = url.scheme.removeprefix("dns+")
         ports = [p for p in service["spec"]["ports"] if p["port"] == url.port]
         assert len(ports) == 1, f"Service {url.hostname} has no port {url.port}"
         port = ports[0]
-        assert port["name"] == url.scheme, f"{url.geturl()} reaches the Service's {port['name']} port"
-        assert any(named_port(c, port["targetPort"]) for c in containers(pool_deployment))
+        assert port["name"] == protocol, f"{url.geturl()} reaches the Service's {port['name']} port"
+        # Headless: DNS answers pod IPs, so the Service port must be the container port itself.
+        container_ports = {named_port(c, port["targetPort"]) for c in containers(pool_deployment)} - {None}
+        assert container_ports == {url.port}, f"{url.geturl()}: the pods listen on {container_ports}"
         if overlay in GPU_OVERLAYS:
-            assert url.scheme == "grpc" and url.port == 8001
+            assert protocol == "grpc" and url.port == 8001
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -570,6 +577,35 @@ def test_pods_run_as_the_image_user_read_only_with_resources(overlay: str) -> No
         for container in containers(deployment):
             tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
             assert tmp and tmp[0]["name"] in empty_dirs, f"{container['name']} has no writable /tmp"
+
+
+# Memory a vitserve process needs besides its queues: decodes in flight, sessions, HTTP buffers.
+MEMORY_HEADROOM = 1 << 30
+QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def memory_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMG])?", quantity)
+    assert match, f"memory quantity {quantity!r}"
+    return int(match.group(1)) * QUANTITY.get(match.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_memory_limits_hold_every_queue_budget_the_pod_serves(overlay: str) -> None:
+    """429 comes before the OOM killer: limit >= pools served x MAX_QUEUE_BYTES + headroom."""
+    pools = {b.pool for b in image_backbones().values()}
+    for deployment in build(overlay).of("Deployment"):
+        for container in containers(deployment):
+            if not is_vitserve(container):
+                continue
+            settings = settings_of(container_env(deployment, container))
+            assert "VITSERVE_MAX_QUEUE_BYTES" in container_env(deployment, container), (
+                "set the budget explicitly"
+            )
+            served = len(pools) if settings.role == "gateway" else 1
+            needed = served * settings.max_queue_bytes + MEMORY_HEADROOM
+            limit = memory_bytes(container["resources"]["limits"]["memory"])
+            assert limit >= needed, f"{deployment['metadata']['name']}: limit {limit} < {needed} bytes"
 
 
 # --- metrics, autoscaling and rules ------------------------------------------------------------------------

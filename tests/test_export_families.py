@@ -54,8 +54,8 @@ FAMILIES = {
         (56, 112),
         4,
     ),
-    "nat": Family("nat_tiny_patch16_224", SPATIAL_VIT, (32, 64), 2),
-    "dinat": Family("dinat_tiny_patch16_224", SPATIAL_VIT, (32, 64), 2),
+    "nat": Family("nat_iso_tiny_patch16_224", SPATIAL_VIT, (32, 64), 2),
+    "dinat": Family("dinat_iso_tiny_patch16_224", SPATIAL_VIT, (32, 64), 2),
     "maxvit_iso": Family("maxvit_iso_tiny_patch16_224", SPATIAL_VIT, (32, 64), 2),
     "linvit": Family("linvit_tiny_patch16_224", SMALL_VIT, (32, 64), 0),
 }

@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+import tritonclient.http
 from onnx import helper, numpy_helper
+from tritonclient.utils import InferenceServerException
 
 from export.repository import ModelEntry, read_repository
 from service.lifecycle import RuntimeSlot
@@ -210,6 +212,20 @@ def test_unload_answers_404_until_loaded_again(served: Served, pixels: np.ndarra
     assert served.infer(pixels).status_code == 200
 
 
+def test_tritonclient_controls_models(served: Served, pixels: np.ndarray) -> None:
+    """tritonclient's own model-control calls, as against Triton."""
+    client = tritonclient.http.InferenceServerClient(served.server.url.removeprefix("http://"))
+    name = served.entry.name
+    assert [row["name"] for row in client.get_model_repository_index()] == [name]
+    client.unload_model(name)
+    assert not client.is_model_ready(name)
+    with pytest.raises(InferenceServerException, match="not loaded"):
+        client.unload_model(name)
+    client.load_model(name)
+    assert client.is_model_ready(name)
+    assert served.infer(pixels).status_code == 200
+
+
 def test_unknown_entry_and_unsupported_parameters(served: Served) -> None:
     assert_v2_error(served.control("load", "no_such_entry"), 404, "model_not_found")
     response = httpx.post(
@@ -218,6 +234,8 @@ def test_unknown_entry_and_unsupported_parameters(served: Served) -> None:
         timeout=10,
     )
     assert_v2_error(response, 400, "unsupported_parameter")
+    response = httpx.post(f"{served.server.url}/v2/repository/index", content=b'{"ready": ', timeout=10)
+    assert_v2_error(response, 400, "invalid_request")
 
 
 def test_polling_loads_new_versions_and_unloads_removed_entries(served: Served, pixels: np.ndarray) -> None:

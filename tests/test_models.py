@@ -19,8 +19,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_rope": ("vit_tiny_patch16_rope_224", {"depth": 2}),
     "vit_sincos": ("vit_tiny_patch16_sincos_224", {"depth": 2}),
     "vit_pos2d": ("vit_tiny_patch16_pos2d_224", {"depth": 2}),
-    "nat": ("nat_tiny_patch16_224", {"depth": 2}),
-    "dinat": ("dinat_tiny_patch16_224", {"depth": 2}),
+    "nat": ("nat_iso_tiny_patch16_224", {"depth": 2}),
+    "dinat": ("dinat_iso_tiny_patch16_224", {"depth": 2}),
     "maxvit_iso": ("maxvit_iso_tiny_patch16_224", {"depth": 2}),
     "linvit": ("linvit_tiny_patch16_224", {"depth": 2}),
     "swin_224": ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2)}),
@@ -30,8 +30,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 EXPECTED_MIXERS = {
     "vit_tiny_patch16_224": [(GlobalAttention, "no rope")] * 2,
     "vit_tiny_patch16_rope_224": [(GlobalAttention, "rope")] * 2,
-    "nat_tiny_patch16_224": [(NeighborhoodAttention, 1)] * 2,
-    "dinat_tiny_patch16_224": [(NeighborhoodAttention, 1), (NeighborhoodAttention, 2)],
+    "nat_iso_tiny_patch16_224": [(NeighborhoodAttention, 1)] * 2,
+    "dinat_iso_tiny_patch16_224": [(NeighborhoodAttention, 1), (NeighborhoodAttention, 2)],
     "maxvit_iso_tiny_patch16_224": [(PartitionedAttention, "window"), (PartitionedAttention, "grid")],
     "linvit_tiny_patch16_224": [(LinearAttention, None)] * 2,
 }
@@ -55,7 +55,7 @@ def test_registry_lists_the_timm_named_vits_and_swins() -> None:
 
 
 @pytest.mark.parametrize(
-    "stem", ["nat_", "dinat_", "maxvit_iso_", "linvit_", "vit_*_rope", "vit_*_sincos", "vit_*_pos2d"]
+    "stem", ["nat_iso_", "dinat_iso_", "maxvit_iso_", "linvit_", "vit_*_rope", "vit_*_sincos", "vit_*_pos2d"]
 )
 def test_registry_lists_composed_families(stem: str) -> None:
     assert list_models(f"{stem}*"), f"no registered model matches {stem}*"

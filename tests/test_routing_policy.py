@@ -7,11 +7,13 @@ test_service_routing.py checks degradation under a real saturated queue.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from export import read_repository
-from export.shapes import ASPECT_CLASSES, as_shape, aspect_ladder
+from export.shapes import ASPECT_CLASSES, as_shape, aspect_ladder, parse_shape
 from models.cost import estimate_cost
 from service.calibration import EntryCost, read_calibration, write_calibration
 from service.router import MAX_PADDING, MAX_UPSCALE, BackboneRoute, Router, RoutingConfig
@@ -52,6 +54,19 @@ def test_the_default_shapes_are_the_aspect_ladders_the_makefile_exports():
         assert all(h % multiple == 0 and w % multiple == 0 for h, w in backbone.shapes)
         aspects = {round(w / h, 1) for h, w in backbone.shapes}
         assert {round(a, 1) for a in ASPECT_CLASSES} <= aspects | {round(a, 1) + 0.1 for a in ASPECT_CLASSES}
+
+
+def test_the_makefile_exports_the_default_routing_shapes():
+    variables = dict(
+        line.split(" ?= ", 1) for line in Path("Makefile").read_text().splitlines() if "_BUCKETS ?= " in line
+    )
+    config = RoutingConfig.default()
+    for variable, backbone in (
+        ("GLOBAL_BUCKETS", config.global_backbone),
+        ("WINDOWED_BUCKETS", config.windowed_backbone),
+    ):
+        exported = {as_shape(parse_shape(s)) for s in variables[variable].split(",")}
+        assert exported == set(backbone.shapes), variable
 
 
 @pytest.mark.parametrize("long_side", [400, 640, 1000, 2000, 4000, 12000])
