@@ -46,7 +46,7 @@ export_both = $(call export_one,$(GLOBAL_MODEL),vit_global,$(1),$(3)) & g=$$!; \
 	wait $$g; gs=$$?; wait $$w; ws=$$?; [ $$gs -eq 0 ] && [ $$ws -eq 0 ]
 other_exports = $(call export_both,$(call other_buckets,$(GLOBAL_BUCKETS)),$(call other_buckets,$(WINDOWED_BUCKETS)),$(1))
 
-.PHONY: install test lint serve export bench clean mlserver-env tools
+.PHONY: install test lint serve export bench bench-peers clean mlserver-env tools
 
 # Serving needs no test or benchmark extras (torch is a dependency, pinned in pyproject.toml: one
 # resolver pass); skipping byte-compilation at install saves more than compiling on first import
@@ -105,9 +105,24 @@ bench: $(DEV_STAMP)
 	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; }
 	$(BIN)/python -m bench.serving
 
+# Peer frameworks for bench.peers, each in its own environment (not part of `make test`).
+PEERS_VENV := .venv-peers
+PEER_DEPS := onnxruntime==1.32.0 pillow==13.0.0 numpy==2.4.6
+$(PEERS_VENV)/%/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)/$*
+	$(PEERS_VENV)/$*/bin/pip install --quiet $(PEER_PACKAGE_$*) $(PEER_DEPS)
+	touch $@
+PEER_PACKAGE_litserve := litserve==0.2.19 python-multipart==0.0.34
+PEER_PACKAGE_bentoml := bentoml==1.4.40
+PEER_PACKAGE_ray := 'ray[serve]==2.60.0' python-multipart==0.0.34
+
+bench-peers: $(DEV_STAMP) $(PEERS_VENV)/litserve/.installed $(PEERS_VENV)/bentoml/.installed $(PEERS_VENV)/ray/.installed
+	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; }
+	$(BIN)/python -m bench.peers
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check models export service tests bench
 	$(BIN)/ruff format --check models export service tests bench
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) $(REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) $(PEERS_VENV) $(REPOSITORY) .pytest_cache

@@ -1,12 +1,18 @@
-"""HTTP serving against raw in-process ONNX Runtime on the same model, in one run (ARCHITECTURE.md "Performance budget").
+"""HTTP serving against raw in-process ONNX Runtime on the same artifact, in one run (issue 8's budgets).
 
-Baseline: an InferenceSession on the gateway's own `vit_global_224` artifact, fed preprocessed
-tensors, at batch 1, 8, 16 and 32 (best img/s) and at batch 1 (single-image latency).
-Served: `vitserve serve` (real uvicorn process, embedded ONNX Runtime) answering POST /v1/classify
-with a 224x224 JPEG photo, driven by `hey` at concurrency 1 (p50 latency) and at high concurrency
-(throughput). Every HTTP request is decoded, routed, preprocessed, batched and post-processed.
+Baseline: the served runtime itself (`service.runtimes.ort.OnnxRuntime`) on the gateway's global
+224 entry, fed preprocessed tensors, at batch 1, 4, 8, 16 and 32 with ONNX Runtime's default
+spinning ("always", the fastest raw path): its best img/s, and its batch-1 latency.
 
-The load generator runs on the same 2 cores as the server, so the HTTP figures include its cost.
+Served: one `vitserve serve` process per ONNX Runtime spinning policy (`VITSERVE_ORT_SPINNING`
+off / run / always), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
+pool at 224, every request decoded, routed, preprocessed, batched and post-processed:
+
+- concurrency 1: a sequential client (one keep-alive connection, one request at a time, see
+  `bench.http`) timed in rounds interleaved with the raw cells, so both see the same machine load;
+  headline p50 = median of the quietest round, as in every latency benchmark here (`bench.timing`).
+- concurrency 16 and 64: `hey` for `--load-seconds` per point (it shares the cores with the server,
+  so these figures include the load generator's own cost).
 
     .venv/bin/python -m bench.serving            # needs `hey` (apt-get install hey)
 """
@@ -15,29 +21,34 @@ from __future__ import annotations
 
 import argparse
 import io
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from bench.backends import export_entry, ort_runner, ort_session, random_batch
-from bench.machine import cores, machine_info
-from bench.results import RESULTS_DIR, write_results
-from bench.timing import TimingPlan, time_cells
-from export.repository import ModelEntry
+from bench.backends import export_entry, random_batch
+from bench.http import SequentialClient, hey, vitserve
+from bench.machine import machine_info
+from bench.results import write_results
+from bench.timing import TimingPlan, add_run_arguments, noise, time_cells
+from export.repository import ModelEntry, read_repository
+from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
+from service.settings import Settings
 
 GLOBAL_MODEL = "vit_tiny_patch16_224"
 WINDOWED_MODEL = "swin_tiny_patch4_window7_224"
-BATCHES = (1, 8, 16, 32)
-CONCURRENCY = (1, 16, 64)
+BATCHES = (1, 4, 8, 16, 32)
+LOADS = (16, 64)
+POLICIES = tuple(SPINNING_CONFIG)
+RAW_POLICY = "always"
+DEFAULT_POLICY = Settings.model_fields["ort_spinning"].default
 
 
-def _photo_jpeg(size: int) -> bytes:
+def photo_jpeg(size: int) -> bytes:
     """A real photograph (scikit-image's astronaut) as a size x size JPEG, like a client would send."""
     from skimage import data
 
@@ -46,144 +57,170 @@ def _photo_jpeg(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _repository(root: Path) -> ModelEntry:
-    """The gateway's repository: the global backbone at 224 and a windowed backbone (never hit here)."""
-    global_entry = export_entry(GLOBAL_MODEL, root, 224)
-    export_entry(WINDOWED_MODEL, root, 448)
-    return global_entry
+def global_entry(root: Path, reuse: bool) -> ModelEntry:
+    """The global 224 entry of the gateway's repository at `root`, exported there unless `reuse`.
+
+    The repository holds the global backbone at 224 and a windowed backbone at 448 (never hit here).
+    """
+    if not reuse:
+        export_entry(GLOBAL_MODEL, root, 224)
+        export_entry(WINDOWED_MODEL, root, 448)
+    found = [e for e in read_repository(root) if e.arch == GLOBAL_MODEL and e.bucket == 224]
+    if len(found) != 1:
+        raise SystemExit(f"{root} holds {len(found)} {GLOBAL_MODEL} entries at 224, expected one")
+    return found[0]
 
 
-def _raw_rows(entry: ModelEntry) -> list[dict]:
-    session = ort_session(entry.artifact, cores())
-    cells = {b: ort_runner(session, entry, random_batch(b, 224)) for b in BATCHES}
-    timings = time_cells(cells, TimingPlan(rounds=3, seconds=6.0))
-    rows = []
-    for batch, timing in timings.items():
-        seconds = timing.median
-        rows.append(
-            {"path": "raw onnxruntime", "batch": batch, "ms_p50": seconds * 1e3, "img_per_s": batch / seconds}
-        )
-    return rows
-
-
-def _hey(url: str, body: Path, concurrency: int, seconds: int) -> dict:
-    """Run hey and read its summary: requests/s and the latency percentiles, all responses 200."""
-    out = subprocess.run(
-        [
-            "hey",
-            "-z",
-            f"{seconds}s",
-            "-c",
-            str(concurrency),
-            "-m",
-            "POST",
-            "-T",
-            "image/jpeg",
-            "-D",
-            str(body),
-            url,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    statuses = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
-    if set(statuses) != {"200"}:
-        raise RuntimeError(f"non-200 responses under load: {statuses}\n{out}")
-    percentile = dict(re.findall(r"\s(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out))
-    return {
-        "path": "http /v1/classify",
-        "concurrency": concurrency,
-        "img_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "ms_p50": float(percentile["50"]) * 1e3,
-        "ms_p95": float(percentile["95"]) * 1e3,
-        "requests": int(statuses["200"]),
-    }
-
-
-def _serve(repository: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["curl", "-sf", f"http://127.0.0.1:{port}/v2/health/ready"], capture_output=True, check=False
-        )
-        if probe.returncode == 0:
-            return process
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("vitserve did not become ready within 120 s")
+def _raw_runner(runtime: OnnxRuntime, batch: int):
+    pixels = np.ascontiguousarray(random_batch(batch, 224))
+    return lambda: runtime.run(pixels)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=20, help="duration of each hey run")
-    parser.add_argument("--port", type=int, default=18321)
+    add_run_arguments(parser, rounds=4, seconds=8.0)
+    parser.add_argument("--load-seconds", type=float, default=15, help="duration of each hey run")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="spinning policies served")
+    parser.add_argument(
+        "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
+    policies = tuple(args.policies.split(","))
     machine = machine_info("bench.serving")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        entry = _repository(root / "repository")
-        raw = _raw_rows(entry)
+        repository = args.repository or root / "repository"
+        entry = global_entry(repository, reuse=args.repository is not None)
         body = root / "photo.jpg"
-        body.write_bytes(_photo_jpeg(224))
-        server = _serve(root / "repository", args.port)
-        try:
-            url = f"http://127.0.0.1:{args.port}/v1/classify"
-            _hey(url, body, 8, 3)
-            http = [_hey(url, body, c, args.seconds) for c in CONCURRENCY]
-        finally:
-            server.terminate()
-            server.wait(60)
-    best = max(raw, key=lambda row: row["img_per_s"])
-    single = next(row for row in raw if row["batch"] == 1)
-    top = max(http, key=lambda row: row["img_per_s"])
-    alone = next(row for row in http if row["concurrency"] == 1)
-    summary = {
-        "raw_best": {"batch": best["batch"], "img_per_s": round(best["img_per_s"], 1)},
-        "http_best": {"concurrency": top["concurrency"], "img_per_s": round(top["img_per_s"], 1)},
-        "http_over_raw_throughput": round(top["img_per_s"] / best["img_per_s"], 3),
-        "raw_single_ms_p50": round(single["ms_p50"], 2),
-        "http_concurrency1_ms_p50": round(alone["ms_p50"], 2),
-        "http_concurrency1_overhead_ms": round(alone["ms_p50"] - single["ms_p50"], 2),
-    }
-    settings = {
+        body.write_bytes(photo_jpeg(224))
+        raw = OnnxRuntime(entry, args.threads, RAW_POLICY)
+        cells = {("raw", RAW_POLICY, b): _raw_runner(raw, b) for b in BATCHES}
+        path = f"/v1/classify?route=global&bucket={entry.bucket}"
+        settings = {"intra_op_threads": args.threads}
+        with ExitStack() as stack:
+            servers = {
+                p: stack.enter_context(vitserve(repository, {**settings, "ort_spinning": p}))
+                for p in policies
+            }
+            clients = {p: SequentialClient(s, path, body.read_bytes()) for p, s in servers.items()}
+            cells.update({("http", p, 1): client for p, client in clients.items()})
+            timings = time_cells(cells, TimingPlan(rounds=args.rounds, seconds=args.seconds))
+            for client in clients.values():
+                client.close()
+            loads = [
+                {"path": "http", "policy": p, **hey(servers[p].url + path, body, c, args.load_seconds)}
+                for p in policies
+                for c in LOADS
+            ]
+    rows = [
+        {"path": kind, "policy": policy, "batch": batch, **timings[kind, policy, batch].summary(batch)}
+        for kind, policy, batch in cells
+    ] + loads
+    summary = _summary(rows, policies)
+    run_settings = {
         "model": GLOBAL_MODEL,
         "bucket": 224,
         "batches": BATCHES,
-        "concurrency": CONCURRENCY,
-        "hey_seconds": args.seconds,
-        "image": "skimage astronaut resized to 224x224 JPEG",
+        "loads": LOADS,
+        "policies": policies,
+        "default_policy": DEFAULT_POLICY,
+        "raw_policy": RAW_POLICY,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "load_seconds": args.load_seconds,
+        "threads": args.threads,
+        "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
     }
-    for path in write_results("serving", machine, settings, raw + http, summary):
-        print(f"wrote {path}", file=sys.stderr)
-    _plot(raw, http, RESULTS_DIR / "serving.png")
+    for written in write_results("serving", machine, run_settings, rows, summary, args.output_dir):
+        print(f"wrote {written}", file=sys.stderr)
+    _plot(rows, policies, args.output_dir / "serving.png")
     print(summary)
 
 
-def _plot(raw: list[dict], http: list[dict], path: Path) -> None:
+def _summary(rows: list[dict], policies: tuple[str, ...]) -> dict:
+    raw = [r for r in rows if r["path"] == "raw"]
+    best = max(raw, key=lambda r: r["img_per_s"])
+    single = next(r for r in raw if r["batch"] == 1)
+    per_policy = {}
+    for policy in policies:
+        alone = next(r for r in rows if r["path"] == "http" and r["policy"] == policy and r.get("batch") == 1)
+        loaded = {
+            r["concurrency"]: r
+            for r in rows
+            if r["path"] == "http" and r["policy"] == policy and "concurrency" in r
+        }
+        per_policy[policy] = {
+            "concurrency1_ms_p50": alone["ms_p50"],
+            "concurrency1_overhead_ms": round(alone["ms_p50"] - single["ms_p50"], 2),
+            **{f"c{c}_img_per_s": loaded[c]["img_per_s"] for c in LOADS},
+            **{f"c{c}_over_raw_best": round(loaded[c]["img_per_s"] / best["img_per_s"], 3) for c in LOADS},
+        }
+    return {
+        "raw_best": {"batch": best["batch"], "img_per_s": best["img_per_s"]},
+        "raw_batch1_ms_p50": single["ms_p50"],
+        "policies": per_policy,
+        "default_policy": DEFAULT_POLICY,
+        "noise": noise([r for r in rows if "round_spread" in r]),
+        "budgets": {"throughput_over_raw_best": 0.9, "concurrency1_overhead_ms": 2.0},
+    }
+
+
+def _plot(rows: list[dict], policies: tuple[str, ...], path: Path) -> None:
     from bench.plots import plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"raw ORT\nbatch {r['batch']}" for r in raw] + [f"HTTP\nc={r['concurrency']}" for r in http]
-    values = [r["img_per_s"] for r in raw] + [r["img_per_s"] for r in http]
-    colors = ["tab:gray"] * len(raw) + ["tab:blue"] * len(http)
-    bars = ax.bar(range(len(values)), values, color=colors)
+    fig, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 4.8))
+    raw = [r for r in rows if r["path"] == "raw"]
+    labels = [f"raw\nbatch {r['batch']}" for r in raw]
+    values = [r["img_per_s"] for r in raw]
+    colors = ["tab:gray"] * len(raw)
+    for index, policy in enumerate(policies):
+        for r in rows:
+            if r["path"] == "http" and r["policy"] == policy and "concurrency" in r:
+                labels.append(f"HTTP c{r['concurrency']}\n{policy}")
+                values.append(r["img_per_s"])
+                colors.append(f"C{index}")
+    bars = throughput.bar(range(len(values)), values, color=colors)
     for bar, value in zip(bars, values, strict=True):
-        ax.annotate(
-            f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+        throughput.annotate(
+            f"{value:.0f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
         )
-    ax.set_xticks(range(len(values)), labels, fontsize=8)
-    ax.set_ylabel("images / s")
-    ax.set_title(f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime (same run, {cores()} cores)")
+    best = max(r["img_per_s"] for r in raw)
+    throughput.axhline(0.9 * best, color="tab:red", linestyle="--", linewidth=1, label="0.9x raw best")
+    throughput.set_xticks(range(len(values)), labels, fontsize=7)
+    throughput.set_ylabel("images / s")
+    throughput.legend(fontsize=8)
+    single = next(r for r in raw if r["batch"] == 1)
+    names = ["raw batch 1", *(f"HTTP c1\n{p}" for p in policies)]
+    alone = [single["ms_p50"]] + [
+        next(r["ms_p50"] for r in rows if r["path"] == "http" and r["policy"] == p and r.get("batch") == 1)
+        for p in policies
+    ]
+    bars = latency.bar(range(len(alone)), alone, color=["tab:gray", *(f"C{i}" for i in range(len(policies)))])
+    for bar, value in zip(bars, alone, strict=True):
+        latency.annotate(
+            f"{value:.1f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    latency.axhline(single["ms_p50"] + 2, color="tab:red", linestyle="--", linewidth=1, label="raw + 2 ms")
+    latency.set_xticks(range(len(alone)), names, fontsize=8)
+    latency.set_ylabel("ms p50 (quietest round)")
+    latency.legend(fontsize=8)
+    fig.suptitle(
+        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy (one run)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

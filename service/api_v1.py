@@ -61,7 +61,7 @@ class RouteOverrides:
         )
 
 
-def route_overrides(
+async def route_overrides(
     model: Annotated[str | None, Query(description="Force this backbone (see /v1/models).")] = None,
     pool: Annotated[
         Pool | None, Query(alias="route", description="Force the global or windowed pool.")

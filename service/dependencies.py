@@ -16,11 +16,12 @@ from service.state import ServingState
 T = TypeVar("T")
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
+    """Async, as every dependency here: FastAPI runs a sync dependency in a threadpool hop per request."""
     return request.app.state.serving
 
 
-def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingState:
+async def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingState:
     """The serving state, or 503 while loading or draining."""
     if state.draining:
         raise APIError(503, "draining", "the server is shutting down; retry on another replica")
@@ -29,7 +30,7 @@ def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingSt
     return state
 
 
-def deadline(
+async def deadline(
     request: Request,
     timeout_ms: Annotated[float | None, Query(gt=0, description="Per-request deadline in ms.")] = None,
     x_request_timeout_ms: Annotated[float | None, Header(gt=0)] = None,

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RuntimeKind = Literal["onnxruntime", "torch", "triton"]
+SpinningPolicy = Literal["off", "run", "always"]
 
 
 class Settings(BaseSettings):
@@ -96,9 +97,10 @@ class Settings(BaseSettings):
     torch_compile: Literal["off", "on", "cuda-graphs"] = Field(
         "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
     )
-    ort_spinning: bool = Field(
-        False,
-        description="Let ONNX Runtime's threads spin between batches (faster alone, slower beside decoding).",
+    ort_spinning: SpinningPolicy = Field(
+        "off",
+        description="ONNX Runtime intra-op threads: off (never spin), run (spin between operators only "
+        "while a batch runs), always (also between batches, starving decoding under load).",
     )
     ort_share_weights: bool = Field(
         True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."

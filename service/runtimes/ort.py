@@ -19,10 +19,34 @@ import onnxruntime as ort
 
 from export.repository import ModelEntry
 from service.runtimes.ort_weights import SharedWeights
+from service.settings import SpinningPolicy
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # One store per process: every session of a backbone finds the weights the first one loaded.
 SHARED_WEIGHTS = SharedWeights()
+
+# How intra-op worker threads wait for their next piece of work (VITSERVE_ORT_SPINNING):
+# - "off": block at once. Every operator of a run then pays a thread wake-up, which adds up
+#   to milliseconds per batch-1 run of a small model.
+# - "run": spin, for at most SPIN_DURATION_US between operators, only while a run executes; at the
+#   end of each run the workers stop spinning (force_spinning_stop). Inside a run the workers
+#   would idle anyway between operators, while between runs the cores belong to the decode and
+#   preprocess threads of the next requests. Spinning happens only while the session holds the
+#   cores. In bench.serving on the shared 2-core machine (other jobs runnable) `off` answered
+#   fastest, `run` second, `always` last, so `off` stays the default until a quiet run says otherwise.
+# - "always": ONNX Runtime's default: workers also keep spinning after a run returns, which is
+#   fastest for back-to-back runs in an otherwise idle process and starves the gateway's other
+#   threads under load.
+SPIN_DURATION_US = 200
+SPINNING_CONFIG: dict[str, dict[str, str]] = {
+    "off": {"session.intra_op.allow_spinning": "0"},
+    "run": {
+        "session.intra_op.allow_spinning": "1",
+        "session.intra_op.spin_duration_us": str(SPIN_DURATION_US),
+        "session.force_spinning_stop": "1",
+    },
+    "always": {"session.intra_op.allow_spinning": "1"},
+}
 
 
 def available_providers() -> list[str]:
@@ -37,7 +61,7 @@ class OnnxRuntime:
         self,
         entry: ModelEntry,
         threads: int,
-        spinning: bool = False,
+        spinning: SpinningPolicy = "off",
         *,
         share_weights: bool = True,
         cpu_arena: bool = False,
@@ -48,9 +72,8 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # Spinning intra-op threads keep the cores busy between batches, starving the decode and
-        # preprocess threads that share them in the gateway.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in SPINNING_CONFIG[spinning].items():
+            options.add_session_config_entry(key, value)
         options.enable_cpu_mem_arena = cpu_arena
         if share_weights:
             options.add_session_config_entry("session.disable_prepacking", "1")

@@ -1,0 +1,1 @@
+"""Peer serving frameworks wrapping the same ONNX file (bench.peers); each runs in its own venv."""

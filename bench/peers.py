@@ -1,0 +1,226 @@
+"""vitserve against peer serving frameworks on the same ONNX file, same image, same load, one run.
+
+Peers (each in its own virtual environment under .venv-peers/, made by `make bench-peers` with
+pinned versions from PyPI; servers in bench/peer_servers/): LitServe with its batching, BentoML
+with a batchable API, Ray Serve with `@serve.batch`. Each decodes the upload with Pillow, resizes
+to 224, normalizes and runs ONNX Runtime on the very artifact vitserve serves (the global 224
+entry of bench.serving's repository), batches of at most 8 with a 2 ms wait. vitserve serves the
+same request at /v1/classify with its defaults.
+
+Every server gets the identical multipart request (field `image`, a 224x224 JPEG photo), first at
+concurrency 1 and then 16 with `hey` for `--seconds` each, one server at a time.
+
+    make bench-peers          # builds the three environments, then runs this
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.http import PROJECT_ROOT, Server, free_port, hey, vitserve
+from bench.machine import cores, machine_info
+from bench.results import RESULTS_DIR, write_results
+from bench.serving import global_entry, photo_jpeg
+
+PEERS_DIR = PROJECT_ROOT / ".venv-peers"
+LOADS = (1, 16)
+BOUNDARY = "vitserve-bench-boundary"
+STARTUP_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    package: str
+    path: str
+    command: tuple[str, ...]
+
+    @property
+    def python(self) -> Path:
+        return PEERS_DIR / self.name / "bin" / "python"
+
+
+PEERS = (
+    Peer("litserve", "litserve", "/predict", ("-m", "bench.peer_servers.litserve_app")),
+    Peer(
+        "bentoml",
+        "bentoml",
+        "/classify",
+        ("-m", "bentoml", "serve", "bench.peer_servers.bentoml_service:Classifier", "--host", "127.0.0.1"),
+    ),
+    Peer("ray", "ray", "/classify", ("-m", "bench.peer_servers.ray_app")),
+)
+
+
+def multipart(image: bytes) -> bytes:
+    """One multipart/form-data body with the file field `image`, as every server receives it."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="photo.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return head + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def _answers(port: int, path: str, body: bytes) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+@contextmanager
+def peer_server(peer: Peer, onnx: Path, body: bytes, log: Path) -> Iterator[Server]:
+    """Start `peer` in its environment and wait until it answers the benchmark request with 200."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "PEER_ONNX": str(onnx),
+        "PEER_PORT": str(port),
+        "PEER_THREADS": str(cores()),
+        "PEER_MAX_BATCH": "8",
+        "PEER_MAX_DELAY_MS": "2",
+    }
+    command = [str(peer.python), *peer.command]
+    if peer.name == "bentoml":
+        command += ["--port", str(port)]
+    with log.open("wb") as handle:
+        # Run from the log's folder: LitServe writes a sample client.py into its working directory.
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=log.parent,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _answers(port, peer.path, body):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{peer.name} did not come up (exit {process.poll()}):\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(1)
+        yield Server(port, process)
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+def _version(peer: Peer) -> str:
+    out = subprocess.run(
+        [str(peer.python), "-c", f"import importlib.metadata as m; print(m.version('{peer.package}'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def _load(name: str, url: str, body_file: Path, seconds: float) -> list[dict]:
+    hey(url, body_file, 4, 3, f"multipart/form-data; boundary={BOUNDARY}")
+    return [
+        {"server": name, **hey(url, body_file, c, seconds, f"multipart/form-data; boundary={BOUNDARY}")}
+        for c in LOADS
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15, help="duration of each hey run")
+    parser.add_argument("--repository", type=Path, help="reuse bench.serving's exported repository")
+    parser.add_argument("--peers", default=",".join(p.name for p in PEERS))
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        sys.exit("hey is not installed: apt-get install hey")
+    peers = [p for p in PEERS if p.name in args.peers.split(",")]
+    missing = [p.name for p in peers if not p.python.exists()]
+    if missing:
+        sys.exit(f"no environment for {missing} under {PEERS_DIR}: run `make bench-peers`")
+    machine = machine_info("bench.peers")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        repository = args.repository or root / "repository"
+        entry = global_entry(repository, reuse=args.repository is not None)
+        body = multipart(photo_jpeg(224))
+        body_file = root / "body"
+        body_file.write_bytes(body)
+        rows = []
+        with vitserve(repository) as server:
+            rows += _load("vitserve", f"{server.url}/v1/classify", body_file, args.seconds)
+        for peer in peers:
+            print(f"starting {peer.name}", file=sys.stderr)
+            with peer_server(peer, entry.artifact, body, root / f"{peer.name}.log") as server:
+                rows += _load(peer.name, f"{server.url}{peer.path}", body_file, args.seconds)
+    versions = {p.name: _version(p) for p in peers}
+    summary = {
+        f"{r['server']} c{r['concurrency']}": {"img_per_s": r["img_per_s"], "ms_p50": r["ms_p50"]}
+        for r in rows
+    }
+    settings = {
+        "model": entry.arch,
+        "bucket": 224,
+        "loads": LOADS,
+        "seconds": args.seconds,
+        "peer_versions": versions,
+        "peer_batching": {"max_batch_size": 8, "max_delay_ms": 2},
+        "image": "skimage astronaut 224x224 JPEG, multipart field `image`",
+    }
+    for path in write_results("peers", machine, settings, rows, summary, args.output_dir):
+        print(f"wrote {path}", file=sys.stderr)
+    _plot(rows, args.output_dir / "peers.png")
+    print(summary)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from bench.plots import plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    width = 0.8 / len(LOADS)
+    for index, load in enumerate(LOADS):
+        values = [
+            next(r["img_per_s"] for r in rows if r["server"] == s and r["concurrency"] == load)
+            for s in servers
+        ]
+        xs = [n + (index - (len(LOADS) - 1) / 2) * width for n in range(len(servers))]
+        bars = ax.bar(xs, values, width, label=f"concurrency {load}")
+        for bar, value in zip(bars, values, strict=True):
+            ax.annotate(
+                f"{value:.0f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+            )
+    ax.set_xticks(range(len(servers)), servers)
+    ax.set_ylabel("images / s")
+    ax.set_title("same ONNX file, same image and load: vitserve vs peers (one run)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
