@@ -34,7 +34,7 @@ from support.server import (
     wait_until,
 )
 
-ENTRY = "vit_global_224"  # SMALL_PNG (48x64) is routed here
+ENTRY = "vit_global_224"  # the square policy routes SMALL_PNG (48x64) here
 MAX_QUEUE_SIZE = 2
 QUEUE_DELAY_MS = 2500
 MAX_BODY_BYTES = 2_000_000
@@ -55,6 +55,8 @@ def limits_server(
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
         max_queue_bytes=MAX_QUEUE_BYTES,
+        # The limits are under test, not routing: the square policy pins small images to one entry.
+        routing_policy="square",
     ) as server:
         yield server
 
