@@ -202,7 +202,9 @@ def assert_stored_as_the_operator_would(cluster: Cluster) -> None:
     pixels = np.zeros((1, 3, cluster.bucket, cluster.bucket), np.float32)
     response = v2_infer(cluster.gateway.url, cluster.entry, pixels)
     assert response.status_code == 200, response.text
-    query = 'vitserve_requests_total{job="gateway", component="gateway", status="200"}'
+    # Readiness probes are counted too (endpoint="ready"): select the request just sent. Were the
+    # Operator's target label to win, no series would carry endpoint="v2_infer" and this would time out.
+    query = 'vitserve_requests_total{job="gateway", component="gateway", endpoint="v2_infer", status="200"}'
     wait_until(lambda: bool(cluster.prometheus.query(query)), "Prometheus to store the request", timeout=15)
     (sample,) = cluster.prometheus.query(query)
     labels = sample["metric"]
