@@ -66,9 +66,13 @@ class Cluster:
 
 
 def windowed_entry(repository: Path) -> tuple[str, int, int]:
-    """(name, bucket, tokens per image) of the windowed backbone's smallest bucket: the lightest
+    """(name, bucket, tokens per image) of the windowed backbone's smallest square bucket: the lightest
     requests that still count in the windowed pool's signal."""
-    entries = [e for e in read_repository(repository) if e.attention != GLOBAL_ATTENTION]
+    entries = [
+        e
+        for e in read_repository(repository)
+        if e.attention != GLOBAL_ATTENTION and e.input_shape[1] == e.input_shape[2]
+    ]
     smallest = min(entries, key=lambda e: e.bucket)
     return smallest.name, smallest.bucket, smallest.tokens
 

@@ -57,6 +57,8 @@ def limits_server(
         max_queue_bytes=MAX_QUEUE_BYTES,
         # The limits are under test, not routing: the square policy pins small images to one entry.
         routing_policy="square",
+        # A fixed batch limit: start-up calibration could pick batch 1, and no request would wait.
+        max_batch_size=8,
     ) as server:
         yield server
 

@@ -35,7 +35,12 @@ def test_sigterm_turns_readiness_off_finishes_queued_requests_and_exits_zero(
     photo_repository: Path, tmp_path: Path
 ) -> None:
     server = start_server(
-        tmp_path, repository=photo_repository, max_queue_delay_ms=2500, shutdown_delay_s=4, drain_timeout_s=30
+        tmp_path,
+        repository=photo_repository,
+        max_queue_delay_ms=2500,
+        max_batch_size=8,
+        shutdown_delay_s=4,
+        drain_timeout_s=30,
     )
     try:
         prime_batch_of_two(server.url, ENTRY)

@@ -60,7 +60,9 @@ def test_cost_model_and_verifier_ask_the_variant(monkeypatch: pytest.MonkeyPatch
 
 
 def test_neighbourhood_mask_is_cached_per_grid_and_device() -> None:
-    model = build_model(get_config("nat_iso_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2, num_classes=0))
+    model = build_model(
+        get_config("nat_iso_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2, num_classes=0)
+    )
     attn = model.blocks[0].attn
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
