@@ -38,16 +38,17 @@ LOCAL_MAX_REPLICAS = 3
 SCALE_DOWN_AFTER_S = 3.0
 REFRESH_S = 1.0
 SCRAPE_S = 1.0
-# Concurrent clients of the load step, each sending LOAD_ROWS largest-bucket images at a time: enough
-# pending tokens for LOCAL_MAX_REPLICAS replicas at the manifest's threshold (checked below).
-LOAD_CLIENTS = 8
-LOAD_ROWS = 5
 # One batch in flight to the pool at a time, whatever the replicas: the load then keeps one of this
 # machine's two cores busy and leaves the other for starting replicas. The signal is unchanged
 # (pending tokens count queued and running work alike), and each new replica still takes its turn.
 MAX_REMOTE_BATCHES = 1
 # Small batches, so a new replica waits at most one short batch for its turn.
 GATEWAY_MAX_BATCH = 2
+# Concurrent clients of the load step, each sending LOAD_ROWS images at a time (a v2 request may not
+# exceed the batch limit): enough pending tokens for LOCAL_MAX_REPLICAS replicas at the manifest's
+# threshold (checked below).
+LOAD_CLIENTS = 12
+LOAD_ROWS = GATEWAY_MAX_BATCH
 LOAD_BOUND_S = 90.0
 FIRST_BATCH_WITHIN_S = 10.0
 POOL_SETTINGS = {"role": "pool", "intra_op_threads": 1, "log_level": "warning"}
