@@ -27,7 +27,7 @@ from support.server import (
     wait_until,
 )
 
-ENTRY = "vit_global_224"  # SMALL_PNG is routed here
+ENTRY = "vit_global_224"  # the square policy routes SMALL_PNG here
 QUEUED = 3
 
 
@@ -39,6 +39,7 @@ def test_sigterm_turns_readiness_off_finishes_queued_requests_and_exits_zero(
         repository=photo_repository,
         max_queue_delay_ms=2500,
         max_batch_size=8,
+        routing_policy="square",
         shutdown_delay_s=4,
         drain_timeout_s=30,
     )
