@@ -2,7 +2,7 @@
 
 A random or inverted heat map has as much mass per background pixel as per stroke pixel, or more;
 a model that learned the digits looks at the strokes. Each held-out digit is sent as a PNG to the
-digits gateway (ViT on the automatic global route, Swin through `route=windowed`); the heat map,
+digits gateway (ViT through `route=global`, Swin through `route=windowed`: the cost router may send a digit either way); the heat map,
 upsampled to pixels by its cell size, must put more mass per stroke pixel than per background
 pixel for most digits, and clearly so at the median. The ViT's rollout is also recomputed in
 PyTorch from the trained model's own attention probabilities (ARCHITECTURE.md "Explanations").
@@ -66,7 +66,7 @@ def _density_ratio(heatmap: dict, pixels: np.ndarray) -> float:
 @pytest.mark.parametrize(
     "family, params, pool, method",
     [
-        ("vit", {}, "global", "attention_rollout"),
+        ("vit", {"route": "global"}, "global", "attention_rollout"),
         ("swin", {"route": "windowed"}, "windowed", "window_rollout_from_token_similarity"),
     ],
     ids=["vit attention rollout", "swin window rollout"],
@@ -113,7 +113,7 @@ def test_vit_rollout_equals_pytorch_reference(
     """Rollout as the product of (A + I) / 2 over layers, from the class token's row, in PyTorch."""
     pixels = digit_pixels[:4]
     explained = asyncio.run(
-        _post_all(digits_server.url, "/v1/explain", [encode_image(p) for p in pixels], {})
+        _post_all(digits_server.url, "/v1/explain", [encode_image(p) for p in pixels], {"route": "global"})
     )
     images = normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, digits_vit.config)
 
