@@ -12,6 +12,25 @@ from models.features import feature_indices, tokens_to_map
 from models.output import ModelOutput
 
 
+class HierarchicalStage(nn.Module):
+    """Subclasses set `blocks` (each `(x, grid) -> x`) and `downsample` (`(x, grid) -> (x, grid)`, or
+    None for the last stage)."""
+
+    blocks: nn.ModuleList
+    downsample: nn.Module | None
+
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """(downsampled tokens, their grid, the stage's own output before downsampling)."""
+        for block in self.blocks:
+            x = block(x, grid)
+        if self.downsample is None:
+            return x, grid, x
+        merged, merged_grid = self.downsample(x, grid)
+        return merged, merged_grid, x
+
+
 class HierarchicalBackbone(nn.Module):
     """Subclasses set `patch_embed` ((B, 3, H, W) -> tokens, grid), `stages` (each `(x, grid) ->
     (next x, next grid, own output)`), `norm` and `head`."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.config import NATConfig
-from models.hierarchical import HierarchicalBackbone
+from models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from models.layers import Block, build_attention, init_weights
 
 
@@ -54,7 +54,7 @@ class ConvDownsampler(nn.Module):
         return self.norm(x), grid
 
 
-class NATStage(nn.Module):
+class NATStage(HierarchicalStage):
     """Neighborhood-attention blocks (each with its dilation), then an optional downsampler."""
 
     def __init__(self, config: NATConfig, stage: int, downsample: bool):
@@ -78,17 +78,6 @@ class NATStage(nn.Module):
             for i in range(config.depths[stage])
         )
         self.downsample = ConvDownsampler(dim, config.layer_norm_eps) if downsample else None
-
-    def forward(
-        self, x: torch.Tensor, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
-        """(downsampled tokens, their grid, the stage's own output before downsampling)."""
-        for block in self.blocks:
-            x = block(x, grid)
-        if self.downsample is None:
-            return x, grid, x
-        merged, merged_grid = self.downsample(x, grid)
-        return merged, merged_grid, x
 
 
 class NeighborhoodTransformer(HierarchicalBackbone):

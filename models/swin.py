@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import SwinConfig
-from models.hierarchical import HierarchicalBackbone
+from models.hierarchical import HierarchicalBackbone, HierarchicalStage
 from models.layers import Block, PatchEmbed, build_attention, init_weights
 
 # The reference Swin normalizes the patch embedding and the merge input with LayerNorm's default eps.
@@ -39,7 +39,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x)), new_grid
 
 
-class SwinStage(nn.Module):
+class SwinStage(HierarchicalStage):
     """Blocks alternating plain and shifted windows, then an optional patch merge."""
 
     def __init__(self, config: SwinConfig, stage: int, downsample: bool):
@@ -62,17 +62,6 @@ class SwinStage(nn.Module):
             for i in range(config.depths[stage])
         )
         self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(
-        self, x: torch.Tensor, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
-        """(merged tokens, merged grid, the stage's own output before merging)."""
-        for block in self.blocks:
-            x = block(x, grid)
-        if self.downsample is None:
-            return x, grid, x
-        merged, merged_grid = self.downsample(x, grid)
-        return merged, merged_grid, x
 
 
 class SwinTransformer(HierarchicalBackbone):
