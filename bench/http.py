@@ -48,10 +48,18 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _ready(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def answers_200(
+    port: int,
+    method: str = "GET",
+    path: str = "/v2/health/ready",
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 2,
+) -> bool:
+    """Whether a server on 127.0.0.1:`port` answers the request with 200 (False while it is not up)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", "/v2/health/ready")
+        connection.request(method, path, body, dict(headers or {}))
         return connection.getresponse().status == 200
     except OSError:
         return False
@@ -76,7 +84,7 @@ def vitserve(repository: Path, settings: Mapping[str, object] | None = None) -> 
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _ready(port):
+        while not answers_200(port):
             if process.poll() is not None:
                 log.seek(0)
                 raise RuntimeError(

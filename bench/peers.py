@@ -16,7 +16,6 @@ concurrency 1 and then 16 with `hey` for `--seconds` each, one server at a time.
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.http import PROJECT_ROOT, Server, free_port, hey, vitserve
+from bench.http import PROJECT_ROOT, Server, answers_200, free_port, hey, vitserve
 from bench.machine import cores, machine_info
 from bench.results import RESULTS_DIR, write_results
 from bench.serving import global_entry, photo_jpeg
@@ -36,6 +35,7 @@ from bench.serving import global_entry, photo_jpeg
 PEERS_DIR = PROJECT_ROOT / ".venv-peers"
 LOADS = (1, 16)
 BOUNDARY = "vitserve-bench-boundary"
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 STARTUP_TIMEOUT_S = 300
 
 
@@ -72,17 +72,6 @@ def multipart(image: bytes) -> bytes:
     return head + image + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def _answers(port: int, path: str, body: bytes) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
 @contextmanager
 def peer_server(peer: Peer, onnx: Path, body: bytes, log: Path) -> Iterator[Server]:
     """Start `peer` in its environment and wait until it answers the benchmark request with 200."""
@@ -111,7 +100,7 @@ def peer_server(peer: Peer, onnx: Path, body: bytes, log: Path) -> Iterator[Serv
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _answers(port, peer.path, body):
+        while not answers_200(port, "POST", peer.path, body, MULTIPART, timeout=30):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{peer.name} did not come up (exit {process.poll()}):\n{log.read_text()[-3000:]}"
@@ -138,11 +127,8 @@ def _version(peer: Peer) -> str:
 
 
 def _load(name: str, url: str, body_file: Path, seconds: float) -> list[dict]:
-    hey(url, body_file, 4, 3, f"multipart/form-data; boundary={BOUNDARY}")
-    return [
-        {"server": name, **hey(url, body_file, c, seconds, f"multipart/form-data; boundary={BOUNDARY}")}
-        for c in LOADS
-    ]
+    hey(url, body_file, 4, 3, MULTIPART["Content-Type"])
+    return [{"server": name, **hey(url, body_file, c, seconds, MULTIPART["Content-Type"])} for c in LOADS]
 
 
 def main() -> None:
