@@ -23,12 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 KEEP_VENV = ("-o", ".venv/.installed")
 
 
+# Set by an enclosing `make test`: a nested make would print "Entering/Leaving directory" lines and
+# inherit its flags, so the dry run would not show what a user typing the command gets.
+OUTER_MAKE = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+
+
 def make_dry_run(target: str, *assignments: str, env: dict[str, str] | None = None) -> list[str]:
-    """The commands `make -n TARGET` would run, one per line."""
+    """The commands `make -n TARGET` would run, one per line, as from a shell (not under make)."""
+    outer = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
     result = subprocess.run(
         ["make", "-n", *KEEP_VENV, target, *assignments],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**outer, **(env or {})},
         capture_output=True,
         text=True,
         check=True,
