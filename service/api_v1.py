@@ -295,9 +295,9 @@ async def list_served_models(state: Annotated[ServingState, Depends(get_state)])
             batch_seconds={str(b): s for b, s in sorted(state.costs[e.name].seconds.items())}
             if e.name in state.costs
             else {},
-            ready=state.ready and e.name in state.runtimes,
+            ready=state.probe_ready and e.name in state.runtimes,
         )
         for e in state.entries.values()
     ]
     backbones = {b: [shape_name(s) for s in shapes] for b, shapes in state.backbones.items()}
-    return ModelsResponse(ready=state.ready, models=models, backbones=backbones)
+    return ModelsResponse(ready=state.probe_ready, models=models, backbones=backbones)

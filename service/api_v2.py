@@ -51,7 +51,7 @@ async def live() -> dict:
 
 @router.get("/health/ready")
 async def ready(state: Annotated[ServingState, Depends(get_state)]) -> Response:
-    ok = state.ready and not state.draining
+    ok = state.probe_ready
     return Response(json.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json")
 
 
@@ -93,7 +93,7 @@ async def model_ready(
 ):
     entry = _entry(state, model)
     _check_version(entry, version)
-    ok = state.ready and not state.draining and model in state.runtimes
+    ok = state.probe_ready and model in state.runtimes
     return Response(
         json.dumps({"name": model, "ready": ok}),
         status_code=200 if ok else 503,

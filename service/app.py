@@ -14,6 +14,7 @@ from fastapi import FastAPI, Response
 
 from service import api_explain, api_repository, api_v1, api_v2, page
 from service.accounting import Accounting
+from service.draining import CloseWhileDraining
 from service.errors import install_error_handlers
 from service.explainer import Explainers
 from service.metrics import Metrics
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     uncounted = {"/metrics", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
     app.add_middleware(Accounting, metrics=state.metrics, uncounted=frozenset(uncounted - {None}))
+    app.add_middleware(CloseWhileDraining, state=state)
     if settings.role == "gateway":
         app.include_router(api_v1.router)
         app.include_router(api_explain.router)

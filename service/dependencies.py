@@ -22,10 +22,15 @@ async def get_state(request: Request) -> ServingState:
 
 
 async def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingState:
-    """The serving state, or 503 while loading or draining."""
-    if state.draining:
-        raise APIError(503, "draining", "the server is shutting down; retry on another replica")
+    """The serving state, or 503 while loading or once the drain has begun.
+
+    During the shutdown delay (`draining` while still `ready`) requests are served: readiness is
+    already false, but a load balancer takes a while to notice, and what it still sends here must
+    not fail (service/server.py). `state.drain()` clears `ready` when the delay ends.
+    """
     if not state.ready:
+        if state.draining:
+            raise APIError(503, "draining", "the server is shutting down; retry on another replica")
         raise APIError(503, "not_ready", "models are still loading; retry shortly (GET /v2/health/ready)")
     return state
 

@@ -1,9 +1,13 @@
 """Run the app under uvicorn with graceful shutdown.
 
-On SIGTERM/SIGINT readiness turns false at once and new requests are answered 503 (draining).
-The listener stays open for `shutdown_delay_s`, so load balancers and Kubernetes endpoints see the
-server as not ready before connections are refused; then uvicorn stops accepting connections while
-the batchers drain for at most `drain_timeout_s`. Exit status:
+On SIGTERM/SIGINT readiness turns false at once (`/v2/health/ready` and `/v2/models/M/ready` answer
+503), but for `shutdown_delay_s` the listener stays open and requests are still served: load
+balancers and Kubernetes endpoints take that long to stop sending here, and what they send
+meanwhile must not fail. Every response from then on carries `Connection: close`
+(service/draining.py), so keep-alive clients reconnect, and their balancer picks another replica.
+After the delay uvicorn stops accepting connections while the batchers drain for at most
+`drain_timeout_s`; a request that still arrives on an open connection is answered 503 (draining).
+Exit status:
 
 - 0 (`DRAINED`): every queued and running request finished; a drain that completes is a clean
   exit, not death by signal (uvicorn would otherwise re-raise the signal).
@@ -36,7 +40,7 @@ ANSWER_GRACE_S = 5.0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn server that flips readiness, keeps listening for the shutdown delay, then exits."""
+    """uvicorn server that turns readiness off, keeps serving for the shutdown delay, then exits."""
 
     def __init__(self, config: uvicorn.Config, app, shutdown_delay_s: float):
         super().__init__(config)
@@ -45,7 +49,6 @@ class _Server(uvicorn.Server):
         self._exit_requested_at: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        self._app.state.serving.ready = False
         self._app.state.serving.draining = True
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True

@@ -59,6 +59,12 @@ class ServingState:
     costs: dict[str, EntryCost] = field(default_factory=dict)
     lifecycle: ModelLifecycle | None = None
 
+    @property
+    def probe_ready(self) -> bool:
+        """What readiness probes report: loaded and not shutting down. Requests are still served
+        during the shutdown delay, while `ready` holds (service/server.py)."""
+        return self.ready and not self.draining
+
     def entry_for(self, name: str) -> ModelEntry:
         """The served entry the router chose, by name."""
         try:

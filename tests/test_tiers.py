@@ -34,18 +34,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from export import read_entry
 from export.repository import ModelEntry
-from models import build_model, save_checkpoint
 from service.preprocess import preprocess
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
-from support.digits import DIGITS_MODELS, digits_config, load_digits_images
-from support.repos import Backbone
+from support.digits import load_digits_images
+from support.repos import build_seeded_digits_repository
 from support.server import ServerProcess, free_port, start_server
 
 BUCKET = 32
@@ -58,15 +56,7 @@ RECOVERY_WAIT_S = 60
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
     """Seeded digits-sized ViT (global) and Swin (windowed) backbones, exported as ONNX."""
-    root = tmp_path_factory.mktemp("repository")
-    for family in ("vit", "swin"):
-        arch, overrides = DIGITS_MODELS[family]
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = build_model(digits_config(family, BUCKET))
-        checkpoint = save_checkpoint(model, root.parent / f"{family}.safetensors")
-        Backbone(f"{family}_digits", arch, (BUCKET,), overrides).export(root, checkpoint)
-    return root
+    return build_seeded_digits_repository(tmp_path_factory.mktemp("repository"), BUCKET)
 
 
 @pytest.fixture(scope="module")

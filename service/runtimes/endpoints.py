@@ -143,7 +143,7 @@ class EndpointMetrics:
         )
         self.retries = Counter(
             "vitserve_pool_retries_total",
-            "Batches retried on another endpoint after a failure that proved they were not computed.",
+            "Batches retried on another endpoint after a replica gave no answer (refused, dropped, draining).",
             ("pool",),
             registry=registry,
         )

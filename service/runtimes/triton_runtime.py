@@ -23,12 +23,16 @@ call carries its timeout (`timeout_s`, shortened to what is left of that deadlin
 protocol's `timeout` parameter (microseconds) and as the client-side deadline. Connecting is bounded
 by `connect_timeout_s`, so a dead replica fails fast.
 
-Failures: a batch is retried once on another endpoint when the failure proves it was not computed
-(connection refused, gRPC UNAVAILABLE, HTTP 503 draining/not ready, 429 / RESOURCE_EXHAUSTED).
-Failures that mean "the replica cannot serve now" (those, reset or closed connections, timeouts,
-gRPC DEADLINE_EXCEEDED, HTTP 502 / 504) raise RuntimeUnavailable naming the pool and URL, which the
-gateway answers with 503, and eject the replica for a while; other server errors raise RuntimeError
-(500) with the server's message.
+Failures: a batch is retried once on another endpoint, within what is left of its deadline, when
+the replica gave no answer: connection refused, reset or closed before the response (a replica
+that restarted, or was SIGKILLed or crashed mid-batch), gRPC UNAVAILABLE, HTTP 503 draining/not
+ready, 429 / RESOURCE_EXHAUSTED. A dropped connection may come after the replica computed the batch,
+but nobody got the answer, and inference is read-only and idempotent: computing it again elsewhere
+is safe and is what a client would do itself. Timeouts (client-side, gRPC DEADLINE_EXCEEDED, HTTP
+504) are not retried: the deadline they ran into is the batch's. Failures that mean "the replica
+cannot serve now" (those, timeouts, HTTP 502) raise RuntimeUnavailable naming the pool and URL when
+not retried, which the gateway answers with 503, and eject the replica for a while; other server
+errors raise RuntimeError (500) with the server's message.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ from service.runtimes.endpoints import Endpoint, EndpointSet, parse_address
 # Status texts as tritonclient reports them: "StatusCode.X" for gRPC, the status code for HTTP.
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
 UNAVAILABLE |= {"429", "502", "503", "504"}
-# The replica refused the batch before computing it: safe to send it to another one.
-NOT_COMPUTED = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "429", "503"}
+# The replica refused the batch or its connection broke before an answer: send it to another one.
+NOT_ANSWERED = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "429", "503"}
 # Overload, not a broken replica: answered 503 but the replica stays in rotation.
 OVERLOADED = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "429", "504"}
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
@@ -184,13 +188,13 @@ class TritonRuntime:
                 return _Failure(error, "error", retry=False)
             error = RuntimeUnavailable(f"{self._where(endpoint)} is unavailable: {status}: {exc.message()}")
             outcome = "error" if status in OVERLOADED else "unavailable"
-            return _Failure(error, outcome, retry=status in NOT_COMPUTED)
-        error = RuntimeUnavailable(f"{self._where(endpoint)} is unreachable: {exc}")
-        return _Failure(error, "unavailable", retry=isinstance(exc, ConnectionRefusedError))
+            return _Failure(error, outcome, retry=status in NOT_ANSWERED)
+        error = RuntimeUnavailable(f"{self._where(endpoint)} is unreachable: {type(exc).__name__}: {exc}")
+        return _Failure(error, "unavailable", retry=not isinstance(exc, TimeoutError))
 
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Send the batch to the least busy endpoint; once more to another if the first provably did
-        not compute it."""
+        """Send the batch to the least busy endpoint; once more to another, before the deadline, if
+        the first gave no answer."""
         timeout_s = self._timeout_s(deadline)
         call_deadline = time.monotonic() + timeout_s
         data = np.ascontiguousarray(batch, dtype=self._dtype)
@@ -203,7 +207,7 @@ class TritonRuntime:
                 failure = self._failure(endpoint, exc)
                 self.endpoints.release(endpoint, failure.outcome)
                 others = set(self.endpoints.urls()) - tried - {endpoint.url}
-                if failure.retry and not tried and others:
+                if failure.retry and not tried and others and time.monotonic() < call_deadline:
                     tried = frozenset({endpoint.url})
                     self.endpoints.metrics.retries.labels(self.target.pool).inc()
                     continue

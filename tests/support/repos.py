@@ -8,6 +8,9 @@ depend on depth, and the served numbers are still compared with ONNX Runtime or 
   (448, 896) under the names the default routing uses, so `vitserve serve` derives its routing from it.
 - The digits repository serves the trained digits models (tests/support/digits.py) at their
   training size with a routing file, so accuracy over HTTP can be compared with PyTorch's.
+- The seeded digits repository holds the same two digits-sized backbones untrained (seeded weights)
+  at one bucket: the smallest repository a gateway derives its routing from, for tests of
+  processes and tiers rather than of accuracy.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from export import ExportRequest, export_model
-from models import save_checkpoint
+from models import build_model, save_checkpoint
 from service.router import BackboneRoute, RoutingConfig
-from support.digits import DIGITS_IMG_SIZE, DIGITS_MODELS, digits_model_spec
+from support.digits import DIGITS_IMG_SIZE, DIGITS_MODELS, digits_config, digits_model_spec
 
 
 @dataclass(frozen=True)
@@ -97,3 +101,16 @@ def build_digits_repository(root: Path, vit: nn.Module, swin: nn.Module) -> Digi
     )
     routing.to_yaml(root / "routing.yaml")
     return DigitsRepository(repository, root / "routing.yaml", backbones["vit"], backbones["swin"])
+
+
+def build_seeded_digits_repository(root: Path, bucket: int = DIGITS_IMG_SIZE) -> Path:
+    """Seeded, untrained digits-sized ViT (`vit_digits`, global) and Swin (`swin_digits`, windowed) at
+    `bucket`, exported as ONNX into `root`; returns it. Seeded, so outputs repeat across sessions."""
+    for family in ("vit", "swin"):
+        arch, overrides = DIGITS_MODELS[family]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model(digits_config(family, bucket))
+        checkpoint = save_checkpoint(model, root.parent / f"{root.name}-{family}.safetensors")
+        Backbone(f"{family}_digits", arch, (bucket,), overrides).export(root, checkpoint)
+    return root

@@ -16,7 +16,6 @@ with SIGTERM. Every wait is bounded.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from support.prometheus import Prometheus, Target, write_targets
-from support.server import ServerProcess
+from support.server import ServerProcess, write_endpoints
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,5 @@ class PoolScaler:
         self.retired.extend(leaving)
 
     def _publish(self) -> None:
-        staged = self.endpoints_file.with_suffix(".tmp")
-        staged.write_text("".join(f"{r.server.url}\n" for r in self.replicas))
-        os.replace(staged, self.endpoints_file)
+        write_endpoints(self.endpoints_file, [r.server for r in self.replicas])
         write_targets(self.targets_file, [r.target for r in self.replicas])

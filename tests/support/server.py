@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -150,6 +150,14 @@ def scrape_metrics(url: str) -> MetricSamples:
     return MetricSamples(
         {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
     )
+
+
+def write_endpoints(path: Path, servers: Iterable[ServerProcess]) -> None:
+    """Publish `servers` as a gateway's `file://` endpoint list, one URL per line, in one rename: the
+    local stand-in for an EndpointSlice, so a gateway re-reading it never sees half a list."""
+    staged = path.with_suffix(".tmp")
+    staged.write_text("".join(f"{server.url}\n" for server in servers))
+    os.replace(staged, path)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30, interval: float = 0.02) -> None:
