@@ -144,8 +144,8 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(
         0.0,
         ge=0,
-        description="After SIGTERM, keep listening this long (readiness 503, new requests 503) "
-        "before closing, so load balancers stop routing here first.",
+        description="After SIGTERM, keep serving this long (readiness 503, every response with "
+        "Connection: close) before closing, so load balancers move the traffic elsewhere first.",
     )
     poll_s: float = Field(
         0.0,
