@@ -24,6 +24,7 @@ import time
 import uvicorn
 
 from service.app import create_app
+from service.connections import header_deadline_protocol
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -74,6 +75,7 @@ def serve(settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
+        http=header_deadline_protocol(settings.header_timeout_s, app.state.serving.metrics),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + ANSWER_GRACE_S,
