@@ -1,0 +1,405 @@
+"""tritonclient.grpc against vitserve's own KServe v2 gRPC service, in the pool and the gateway role.
+
+A real pool process serves the digits ViT; a real gateway serves the digits repository with that ViT
+on the triton runtime pointed at the pool's gRPC port (so its batches cross gRPC to the pool) and
+the Swin on its embedded ONNX Runtime. Over gRPC both answer health, metadata, config and infer with
+raw (binary) inputs, equal to their HTTP v2 endpoint and to an ONNX Runtime session on the same
+tensor; bad requests get the gRPC code matching their HTTP status, are counted, never computed, and
+the servers keep serving (ARCHITECTURE.md "HTTP API", service/grpc_server.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from export import read_entry
+from models import build_model
+from service.runtimes.ort import OnnxRuntime
+from support.digits import digits_config
+from support.repos import DigitsRepository, build_digits_repository
+from support.server import (
+    PNG,
+    ServerProcess,
+    encode_image,
+    free_port,
+    running_server,
+    scrape_metrics,
+    start_server,
+    wait_until,
+)
+
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+OUTPUTS = ("logits", "embedding")
+ROLES = ("pool", "gateway")
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> DigitsRepository:
+    """The digits repository layout (ViT and Swin at 32, routing file) on seeded untrained models:
+    these tests compare transports, not accuracy."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vit, swin = (build_model(digits_config(family)).eval() for family in ("vit", "swin"))
+    return build_digits_repository(tmp_path_factory.mktemp("grpc"), vit, swin)
+
+
+def entry_name(backbone) -> str:
+    return f"{backbone.name}_{backbone.buckets[0]}"
+
+
+@pytest.fixture(scope="module")
+def pool(repository: DigitsRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`vitserve serve --role pool` serving the ViT, with gRPC on its own port."""
+    with running_server(
+        tmp_path_factory.mktemp("grpc-pool"),
+        repository=repository.path,
+        role="pool",
+        models=repository.global_backbone.name,
+        grpc_port=free_port(),
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    repository: DigitsRepository, pool: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A gateway whose ViT batches go to the pool over gRPC; its Swin runs in-process."""
+    with running_server(
+        tmp_path_factory.mktemp("grpc-gateway"),
+        repository=repository.path,
+        routing=repository.routing,
+        runtimes=f"{repository.global_backbone.name}=triton",
+        triton_urls=f"global=grpc://{pool.grpc_address}",
+        grpc_port=free_port(),
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def servers(pool: ServerProcess, gateway: ServerProcess) -> dict[str, ServerProcess]:
+    return {"pool": pool, "gateway": gateway}
+
+
+@pytest.fixture(scope="module")
+def models(repository: DigitsRepository) -> dict[str, list[str]]:
+    """The entries each role serves."""
+    vit, swin = entry_name(repository.global_backbone), entry_name(repository.windowed_backbone)
+    return {"pool": [vit], "gateway": [vit, swin]}
+
+
+def grpc_client(server: ServerProcess) -> triton_grpc.InferenceServerClient:
+    assert server.grpc_address is not None
+    return triton_grpc.InferenceServerClient(server.grpc_address)
+
+
+def pixels(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 3, 32, 32)).astype(np.float32)
+
+
+def grpc_infer(server: ServerProcess, model: str, data: np.ndarray, **options: object):
+    tensor = triton_grpc.InferInput("pixel_values", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    outputs = [triton_grpc.InferRequestedOutput(name) for name in OUTPUTS]
+    with grpc_client(server) as client:
+        return client.infer(model, [tensor], outputs=outputs, client_timeout=60, **options)
+
+
+def http_infer(server: ServerProcess, model: str, data: np.ndarray) -> dict[str, np.ndarray]:
+    client = triton_http.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+    try:
+        tensor = triton_http.InferInput("pixel_values", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        result = client.infer(model, [tensor])
+        return {name: result.as_numpy(name) for name in OUTPUTS}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_health_metadata_and_config(servers: dict, models: dict, role: str) -> None:
+    with grpc_client(servers[role]) as client:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        metadata = client.get_server_metadata(as_json=True)
+        assert metadata["name"] == "vitserve"
+        assert "binary_tensor_data" in metadata["extensions"]
+        for model in models[role]:
+            assert client.is_model_ready(model)
+            assert client.is_model_ready(model, model_version="1")
+            http = httpx.get(f"{servers[role].url}/v2/models/{model}").json()
+            got = client.get_model_metadata(model, as_json=True)
+            assert got["name"] == model and got["versions"] == ["1"] and got["platform"] == http["platform"]
+            for kind in ("inputs", "outputs"):
+                assert [
+                    {"name": t["name"], "datatype": t["datatype"], "shape": [int(d) for d in t["shape"]]}
+                    for t in got[kind]
+                ] == http[kind]
+            config = client.get_model_config(model).config
+            assert config.name == model and config.max_batch_size >= 2
+            assert [i.name for i in config.input] == ["pixel_values"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_infer_with_raw_inputs_equals_http_and_onnxruntime(
+    servers: dict, models: dict, repository: DigitsRepository, role: str
+) -> None:
+    server = servers[role]
+    for model in models[role]:
+        data = pixels(3, seed=len(model))
+        result = grpc_infer(server, model, data, request_id="grpc-1")
+        reference = OnnxRuntime(read_entry(repository.path / model), threads=1).run(data)
+        over_http = http_infer(server, model, data)
+        assert result.get_response().id == "grpc-1"
+        assert result.get_response().model_version == "1"
+        for name in OUTPUTS:
+            got = result.as_numpy(name)
+            assert got.shape == reference[name].shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, over_http[name], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got, reference[name], **TOLERANCE)
+
+
+def test_typed_fp32_contents_equal_raw_inputs(pool: ServerProcess, models: dict) -> None:
+    """A client sending `contents.fp32_contents` (not tritonclient's raw bytes) gets the same answer."""
+    (model,) = models["pool"]
+    data = pixels(2, seed=7)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="pixel_values", datatype="FP32", shape=list(data.shape))
+    request.inputs[0].contents.fp32_contents.extend(data.ravel().tolist())
+    with grpc.insecure_channel(pool.grpc_address) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert [o.name for o in response.outputs] == list(OUTPUTS)
+    raw = grpc_infer(pool, model, data)
+    for index, name in enumerate(OUTPUTS):
+        typed = np.frombuffer(response.raw_output_contents[index], np.float32).reshape(
+            response.outputs[index].shape
+        )
+        np.testing.assert_allclose(typed, raw.as_numpy(name), rtol=1e-5, atol=1e-5)
+
+
+def test_classification_extension_over_grpc(gateway: ServerProcess, models: dict) -> None:
+    model = models["gateway"][1]
+    data = pixels(2, seed=3)
+    tensor = triton_grpc.InferInput("pixel_values", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    with grpc_client(gateway) as client:
+        logits = client.infer(model, [tensor], outputs=[triton_grpc.InferRequestedOutput("logits")]).as_numpy(
+            "logits"
+        )
+        top = client.infer(
+            model, [tensor], outputs=[triton_grpc.InferRequestedOutput("logits", class_count=3)]
+        ).as_numpy("logits")
+    assert top.shape == (2, 3)
+    for row in range(2):
+        fields = [element.decode().split(":") for element in top[row]]
+        assert [int(f[1]) for f in fields] == list(np.argsort(-logits[row], kind="stable")[:3])
+        assert [float(f[0]) for f in fields] == pytest.approx(
+            logits[row, [int(f[1]) for f in fields]], abs=1e-5
+        )
+        assert all(f[2] == f[1] for f in fields)  # the digits' labels are their indexes
+
+
+def raw_request(model: str, shape: list[int], datatype: str, raw: bytes) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="pixel_values", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def bad_requests(model: str, max_batch: int) -> dict[str, tuple[pb.ModelInferRequest, grpc.StatusCode]]:
+    """id -> (request, the code it must get); each would get 4xx over HTTP."""
+    row = pixels(1).tobytes()
+    return {
+        "wrong shape": (
+            raw_request(model, [1, 3, 32, 16], "FP32", row[: len(row) // 2]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "wrong dtype": (raw_request(model, [1, 3, 32, 32], "INT32", row), grpc.StatusCode.INVALID_ARGUMENT),
+        "unknown model": (
+            raw_request("no_such_model", [1, 3, 32, 32], "FP32", row),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "unknown version": (
+            pb.ModelInferRequest(model_name=model, model_version="7", inputs=[], raw_input_contents=[]),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "batch too large": (
+            raw_request(model, [max_batch + 1, 3, 32, 32], "FP32", row * (max_batch + 1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "raw size short": (
+            raw_request(model, [1, 3, 32, 32], "FP32", row[:-4]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "raw size long": (
+            raw_request(model, [1, 3, 32, 32], "FP32", row + b"\0" * 4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "two raw entries for one input": (
+            pb.ModelInferRequest(
+                model_name=model,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
+                    )
+                ],
+                raw_input_contents=[row, row],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "no data": (
+            pb.ModelInferRequest(
+                model_name=model,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
+                    )
+                ],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "NaN": (
+            raw_request(model, [1, 3, 32, 32], "FP32", np.full((1, 3, 32, 32), np.nan, np.float32).tobytes()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "unknown output": (
+            pb.ModelInferRequest(
+                model_name=model,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
+                    )
+                ],
+                outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+                raw_input_contents=[row],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    }
+
+
+BAD_IDS = list(bad_requests("m", 1))
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "400", grpc.StatusCode.NOT_FOUND: "404"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_bad_requests_get_their_codes_are_counted_and_the_server_keeps_serving(
+    servers: dict, models: dict, role: str
+) -> None:
+    server = servers[role]
+    model = models[role][0]
+    with grpc_client(server) as client:
+        max_batch = client.get_model_config(model).config.max_batch_size
+    before = scrape_metrics(server.url)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for case, (request, code) in bad_requests(model, max_batch).items():
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.ModelInfer(request, timeout=60)
+            assert failure.value.code() == code, (case, failure.value.details())
+            assert len(failure.value.details()) > 10, case
+            trailing = dict(failure.value.trailing_metadata())
+            assert trailing["vitserve-code"] in ("invalid_request", "model_not_found", "version_not_found"), (
+                case
+            )
+    delta = scrape_metrics(server.url) - before
+    assert delta.value("vitserve_batch_size_count") == 0
+    for code, status in HTTP_STATUS.items():
+        expected = sum(1 for _, c in bad_requests(model, max_batch).values() if c == code)
+        assert delta.value("vitserve_requests_total", endpoint="grpc_infer", status=status) == expected
+
+    result = grpc_infer(server, model, pixels(1))
+    assert result.as_numpy("logits").shape[0] == 1
+
+
+def test_tritonclient_errors_carry_the_grpc_status(pool: ServerProcess, models: dict) -> None:
+    """What the gateway's triton runtime reads: `status()` is the gRPC code's name."""
+    with pytest.raises(InferenceServerException) as failure:
+        grpc_infer(pool, "no_such_model", pixels(1))
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
+    assert "no_such_model" in failure.value.message()
+    with grpc_client(pool) as client, pytest.raises(InferenceServerException) as failure:
+        client.is_model_ready("no_such_model")
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_v2_timeout_that_passes_before_compute_is_deadline_exceeded(
+    pool: ServerProcess, models: dict
+) -> None:
+    (model,) = models["pool"]
+    before = scrape_metrics(pool.url)
+    with pytest.raises(InferenceServerException) as failure:
+        grpc_infer(pool, model, pixels(1), timeout=1)  # the v2 `timeout` parameter: 1 us
+    assert failure.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    delta = scrape_metrics(pool.url) - before
+    assert delta.value("vitserve_requests_total", endpoint="grpc_infer", status="504") == 1
+    assert delta.value("vitserve_batch_size_count") == 0
+
+
+def test_gateway_classify_runs_on_the_pool_over_grpc(gateway: ServerProcess, pool: ServerProcess) -> None:
+    """/v1/classify on the gateway: its ViT batch crosses the pool's gRPC port and comes back labelled."""
+    image = encode_image(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    before = scrape_metrics(pool.url)
+    response = httpx.post(
+        f"{gateway.url}/v1/classify", params={"route": "global"}, content=image, headers=PNG, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["route"]["pool"] == "global" and len(body["predictions"]) == 5
+    delta = scrape_metrics(pool.url) - before
+    assert delta.value("vitserve_requests_total", endpoint="grpc_infer", status="200") == 1
+    assert delta.value("vitserve_requests_total", endpoint="v2_infer") == 0
+    with httpx.Client() as client:
+        described = {m["name"]: m["runtime"] for m in client.get(f"{gateway.url}/v1/models").json()["models"]}
+    assert f"triton grpc {pool.grpc_address}" in described[body["route"]["entry"]]
+
+
+def test_a_taken_grpc_port_fails_start_up_with_status_3(repository: DigitsRepository, tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="server exited with 3") as failure:
+            start_server(tmp_path, repository=repository.path, role="pool", grpc_port=port)
+    assert "grpc port unavailable" in str(failure.value)
+
+
+def test_shutdown_turns_grpc_readiness_false_then_exits_cleanly(
+    repository: DigitsRepository, models: dict, tmp_path
+) -> None:
+    server = start_server(
+        tmp_path,
+        repository=repository.path,
+        role="pool",
+        models=repository.global_backbone.name,
+        grpc_port=free_port(),
+        shutdown_delay_s=3,
+    )
+    try:
+        with grpc_client(server) as client:
+            assert client.is_server_ready()
+            server.process.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: not client.is_server_ready(), "gRPC ServerReady false after SIGTERM", timeout=10
+            )
+            assert client.is_server_live()
+            with pytest.raises(InferenceServerException) as failure:
+                grpc_infer(server, models["pool"][0], pixels(1))
+            assert failure.value.status() == "StatusCode.UNAVAILABLE"
+            assert "shutting down" in failure.value.message()
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
