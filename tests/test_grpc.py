@@ -380,6 +380,7 @@ def test_a_taken_grpc_port_fails_start_up_with_status_3(repository: DigitsReposi
 def test_shutdown_turns_grpc_readiness_false_then_exits_cleanly(
     repository: DigitsRepository, models: dict, tmp_path
 ) -> None:
+    """During the shutdown delay gRPC is live but not ready; then it stops with HTTP and the exit is 0."""
     server = start_server(
         tmp_path,
         repository=repository.path,
@@ -396,10 +397,7 @@ def test_shutdown_turns_grpc_readiness_false_then_exits_cleanly(
                 lambda: not client.is_server_ready(), "gRPC ServerReady false after SIGTERM", timeout=10
             )
             assert client.is_server_live()
-            with pytest.raises(InferenceServerException) as failure:
-                grpc_infer(server, models["pool"][0], pixels(1))
-            assert failure.value.status() == "StatusCode.UNAVAILABLE"
-            assert "shutting down" in failure.value.message()
+            assert not client.is_model_ready(models["pool"][0])
         assert server.process.wait(60) == 0
     finally:
         server.stop()
