@@ -5,8 +5,9 @@ runtime) talks to vitserve as to Triton. It runs on the HTTP server's event loop
 by `service.server`) and serves the same `ServingState`: ServerLive, ServerReady, ServerMetadata,
 ModelReady, ModelMetadata, ModelConfig (the entry's config.pbtxt) and ModelInfer go through the
 operations HTTP uses (`service.v2_core`, `service.v2_tensors` via `service.grpc_tensors`), so
-requests are checked, admitted, batched with /v1 traffic, deadlined and drained identically. Other
-RPCs (statistics, repository, shared memory, trace, log, streaming) answer UNIMPLEMENTED.
+requests are checked, admitted, batched with /v1 traffic, deadlined and drained identically;
+RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload call the same `service.lifecycle` as
+/v2/repository. Other RPCs (statistics, shared memory, trace, log, streaming) answer UNIMPLEMENTED.
 
 Deadline of an infer: the server's `request_timeout_ms`, shortened by the call's gRPC deadline and by
 the v2 `timeout` parameter (microseconds, which tritonclient's `timeout=` sends). A call the client
@@ -39,6 +40,7 @@ from tritonclient.grpc.service_pb2_grpc import (
 from export.triton_config import parse_text
 from service import v2_core
 from service.accounting import RequestRecord, record_response
+from service.api_repository import refuse_overrides
 from service.dependencies import require_ready
 from service.errors import CLIENT_CLOSED_REQUEST, to_api_error
 from service.grpc_tensors import model_infer_response, parse_model_infer
@@ -177,6 +179,31 @@ class InferenceService(GRPCInferenceServiceServicer):
             return model_infer_response(entry, parsed, outputs)
 
         return await self._answer("grpc_infer", context, handle)
+
+    async def RepositoryIndex(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        async def handle(record: RequestRecord) -> Message:
+            rows = require_ready(self.state).lifecycle.index(ready_only=request.ready)
+            return pb.RepositoryIndexResponse(models=rows)
+
+        return await self._answer("grpc_repository_index", context, handle)
+
+    async def RepositoryModelLoad(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        async def handle(record: RequestRecord) -> Message:
+            state = require_ready(self.state)
+            refuse_overrides(request.parameters)
+            await state.lifecycle.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._answer("grpc_load_model", context, handle)
+
+    async def RepositoryModelUnload(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        async def handle(record: RequestRecord) -> Message:
+            state = require_ready(self.state)
+            refuse_overrides(request.parameters)
+            await state.lifecycle.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._answer("grpc_unload_model", context, handle)
 
 
 def _address(settings: Settings) -> str:

@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from export import read_entry
 from models import build_model
 from service.runtimes.ort import OnnxRuntime
+from service.settings import Settings
 from support.digits import digits_config
 from support.repos import DigitsRepository, build_digits_repository
 from support.server import (
@@ -336,6 +337,17 @@ def test_tritonclient_errors_carry_the_grpc_status(pool: ServerProcess, models: 
     assert failure.value.status() == "StatusCode.NOT_FOUND"
 
 
+def test_a_message_over_the_body_limit_is_resource_exhausted(pool: ServerProcess, models: dict) -> None:
+    """gRPC itself refuses it (413 over HTTP); the server keeps serving."""
+    limit = Settings().max_body_bytes  # the pool runs with the default
+    request = raw_request(models["pool"][0], [1, 3, 32, 32], "FP32", bytes(limit + 1))
+    with grpc.insecure_channel(pool.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_infer(pool, models["pool"][0], pixels(1)).as_numpy("logits").shape[0] == 1
+
+
 def test_v2_timeout_that_passes_before_compute_is_deadline_exceeded(
     pool: ServerProcess, models: dict
 ) -> None:
@@ -365,6 +377,26 @@ def test_gateway_classify_runs_on_the_pool_over_grpc(gateway: ServerProcess, poo
     with httpx.Client() as client:
         described = {m["name"]: m["runtime"] for m in client.get(f"{gateway.url}/v1/models").json()["models"]}
     assert f"triton grpc {pool.grpc_address}" in described[body["route"]["entry"]]
+
+
+def test_repository_extension_over_grpc(pool: ServerProcess, models: dict) -> None:
+    """tritonclient.grpc's index, unload and load drive the same lifecycle as /v2/repository."""
+    (model,) = models["pool"]
+    with grpc_client(pool) as client:
+        (row,) = [m for m in client.get_model_repository_index().models if m.name == model]
+        assert (row.version, row.state) == ("1", "READY")
+        client.unload_model(model)
+        with pytest.raises(InferenceServerException) as failure:
+            client.is_model_ready(model)
+        assert failure.value.status() == "StatusCode.NOT_FOUND"
+        (row,) = [m for m in client.get_model_repository_index().models if m.name == model]
+        assert (row.state, row.reason) == ("UNAVAILABLE", "unloaded")
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(model, config='{"max_batch_size": 1}')
+        assert failure.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.load_model(model)
+        assert client.is_model_ready(model)
+    assert grpc_infer(pool, model, pixels(1)).as_numpy("logits").shape[0] == 1
 
 
 def test_a_taken_grpc_port_fails_start_up_with_status_3(repository: DigitsRepository, tmp_path) -> None:
