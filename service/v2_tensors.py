@@ -129,7 +129,8 @@ def _pixels(request: V2InferRequest, binary: bytes, entry: ModelEntry, max_batch
     else:
         if size is None:
             raise _invalid(
-                "input has neither 'data' nor parameters.binary_data_size (over gRPC: contents nor raw_input_contents)"
+                "input has neither 'data' nor parameters.binary_data_size "
+                "(over gRPC: neither contents nor raw_input_contents)"
             )
         if size != count * dtype.itemsize:
             raise _invalid(

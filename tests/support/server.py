@@ -36,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class ServerProcess:
-    """A running server: its base URL, process handle and log file, and its gRPC HOST:PORT if it serves one."""
+    """A running server: its base URL, process handle, log file and gRPC HOST:PORT (None without gRPC)."""
 
     url: str
     port: int
