@@ -177,8 +177,7 @@ def test_typed_fp32_contents_equal_raw_inputs(pool: ServerProcess, models: dict)
     """A client sending `contents.fp32_contents` (not tritonclient's raw bytes) gets the same answer."""
     (model,) = models["pool"]
     data = pixels(2, seed=7)
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="pixel_values", datatype="FP32", shape=list(data.shape))
+    request = infer_request(model, shape=data.shape)
     request.inputs[0].contents.fp32_contents.extend(data.ravel().tolist())
     with grpc.insecure_channel(pool.grpc_address) as channel:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
@@ -213,86 +212,43 @@ def test_classification_extension_over_grpc(gateway: ServerProcess, models: dict
         assert all(f[2] == f[1] for f in fields)  # the digits' labels are their indexes
 
 
-def raw_request(model: str, shape: list[int], datatype: str, raw: bytes) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="pixel_values", datatype=datatype, shape=shape)
-    request.raw_input_contents.append(raw)
+def infer_request(
+    model: str,
+    raw: tuple[bytes, ...] = (),
+    shape: tuple[int, ...] = (1, 3, 32, 32),
+    datatype: str = "FP32",
+    outputs: tuple[str, ...] = (),
+    version: str = "",
+) -> pb.ModelInferRequest:
+    """A ModelInferRequest of one `pixel_values` input, built by hand to send what tritonclient would not."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, raw_input_contents=list(raw))
+    request.inputs.add(name="pixel_values", datatype=datatype, shape=list(shape))
+    request.outputs.extend(pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs)
     return request
 
 
 def bad_requests(model: str, max_batch: int) -> dict[str, tuple[pb.ModelInferRequest, grpc.StatusCode]]:
-    """id -> (request, the code it must get); each would get 4xx over HTTP."""
+    """id -> (request, the code it must get); each gets 400 or 404 over HTTP."""
     row = pixels(1).tobytes()
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     return {
-        "wrong shape": (
-            raw_request(model, [1, 3, 32, 16], "FP32", row[: len(row) // 2]),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "wrong dtype": (raw_request(model, [1, 3, 32, 32], "INT32", row), grpc.StatusCode.INVALID_ARGUMENT),
-        "unknown model": (
-            raw_request("no_such_model", [1, 3, 32, 32], "FP32", row),
-            grpc.StatusCode.NOT_FOUND,
-        ),
-        "unknown version": (
-            pb.ModelInferRequest(model_name=model, model_version="7", inputs=[], raw_input_contents=[]),
-            grpc.StatusCode.NOT_FOUND,
-        ),
+        "wrong shape": (infer_request(model, (row[: len(row) // 2],), shape=(1, 3, 32, 16)), invalid),
+        "wrong dtype": (infer_request(model, (row,), datatype="INT32"), invalid),
+        "unknown model": (infer_request("no_such_model", (row,)), not_found),
+        "unknown version": (infer_request(model, (row,), version="7"), not_found),
         "batch too large": (
-            raw_request(model, [max_batch + 1, 3, 32, 32], "FP32", row * (max_batch + 1)),
-            grpc.StatusCode.INVALID_ARGUMENT,
+            infer_request(model, (row * (max_batch + 1),), shape=(max_batch + 1, 3, 32, 32)),
+            invalid,
         ),
-        "raw size short": (
-            raw_request(model, [1, 3, 32, 32], "FP32", row[:-4]),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "raw size long": (
-            raw_request(model, [1, 3, 32, 32], "FP32", row + b"\0" * 4),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "two raw entries for one input": (
-            pb.ModelInferRequest(
-                model_name=model,
-                inputs=[
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
-                    )
-                ],
-                raw_input_contents=[row, row],
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "no data": (
-            pb.ModelInferRequest(
-                model_name=model,
-                inputs=[
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
-                    )
-                ],
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "NaN": (
-            raw_request(model, [1, 3, 32, 32], "FP32", np.full((1, 3, 32, 32), np.nan, np.float32).tobytes()),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        "unknown output": (
-            pb.ModelInferRequest(
-                model_name=model,
-                inputs=[
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="pixel_values", datatype="FP32", shape=[1, 3, 32, 32]
-                    )
-                ],
-                outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
-                raw_input_contents=[row],
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
+        "raw size short": (infer_request(model, (row[:-4],)), invalid),
+        "raw size long": (infer_request(model, (row + b"\0" * 4,)), invalid),
+        "two raw entries for one input": (infer_request(model, (row, row)), invalid),
+        "no data": (infer_request(model), invalid),
+        "NaN": (infer_request(model, (np.full((1, 3, 32, 32), np.nan, np.float32).tobytes(),)), invalid),
+        "unknown output": (infer_request(model, (row,), outputs=("probabilities",)), invalid),
     }
 
 
-BAD_IDS = list(bad_requests("m", 1))
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "400", grpc.StatusCode.NOT_FOUND: "404"}
 
 
@@ -340,7 +296,7 @@ def test_tritonclient_errors_carry_the_grpc_status(pool: ServerProcess, models: 
 def test_a_message_over_the_body_limit_is_resource_exhausted(pool: ServerProcess, models: dict) -> None:
     """gRPC itself refuses it (413 over HTTP); the server keeps serving."""
     limit = Settings().max_body_bytes  # the pool runs with the default
-    request = raw_request(models["pool"][0], [1, 3, 32, 32], "FP32", bytes(limit + 1))
+    request = infer_request(models["pool"][0], (bytes(limit + 1),))
     with grpc.insecure_channel(pool.grpc_address) as channel:
         with pytest.raises(grpc.RpcError) as failure:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
