@@ -10,6 +10,7 @@ the servers keep serving (ARCHITECTURE.md "HTTP API", service/grpc_server.py).
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 from collections.abc import Iterator
@@ -30,12 +31,13 @@ from models import build_model
 from service.runtimes.ort import OnnxRuntime
 from service.settings import Settings
 from support.digits import digits_config
-from support.repos import DigitsRepository, build_digits_repository
+from support.repos import Backbone, DigitsRepository, build_digits_repository
 from support.server import (
     PNG,
     ServerProcess,
     encode_image,
     free_port,
+    prime_batch_of_two,
     running_server,
     scrape_metrics,
     start_server,
@@ -57,7 +59,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> DigitsRepository:
     return build_digits_repository(tmp_path_factory.mktemp("grpc"), vit, swin)
 
 
-def entry_name(backbone) -> str:
+def entry_name(backbone: Backbone) -> str:
     return f"{backbone.name}_{backbone.buckets[0]}"
 
 
@@ -365,27 +367,47 @@ def test_a_taken_grpc_port_fails_start_up_with_status_3(repository: DigitsReposi
     assert "grpc port unavailable" in str(failure.value)
 
 
-def test_shutdown_turns_grpc_readiness_false_then_exits_cleanly(
+def test_shutdown_turns_grpc_readiness_false_and_answers_calls_in_flight(
     repository: DigitsRepository, models: dict, tmp_path
 ) -> None:
-    """During the shutdown delay gRPC is live but not ready; then it stops with HTTP and the exit is 0."""
+    """During the shutdown delay gRPC is live but not ready; a call still queued when the delay ends
+    is drained and answered before the gRPC server stops, and the exit is 0."""
+    (model,) = models["pool"]
     server = start_server(
         tmp_path,
         repository=repository.path,
         role="pool",
         models=repository.global_backbone.name,
         grpc_port=free_port(),
-        shutdown_delay_s=3,
+        shutdown_delay_s=2,
+        max_queue_delay_ms=6000,
     )
+    answers: queue.Queue = queue.Queue()
     try:
+        prime_batch_of_two(server.url, model)  # the next lone request waits the whole queue delay
+        tensor = triton_grpc.InferInput("pixel_values", [1, 3, 32, 32], "FP32")
+        tensor.set_data_from_numpy(pixels(1))
         with grpc_client(server) as client:
-            assert client.is_server_ready()
+            client.async_infer(
+                model,
+                [tensor],
+                callback=lambda result, error: answers.put((result, error)),
+                client_timeout=60,
+            )
+            wait_until(
+                lambda: scrape_metrics(server.url).value("vitserve_queue_depth", model=model) == 1,
+                "the gRPC call queued",
+            )
             server.process.send_signal(signal.SIGTERM)
             wait_until(
                 lambda: not client.is_server_ready(), "gRPC ServerReady false after SIGTERM", timeout=10
             )
             assert client.is_server_live()
-            assert not client.is_model_ready(models["pool"][0])
+            assert not client.is_model_ready(model)
+            result, error = answers.get(timeout=60)
+        assert error is None, error
+        assert result.as_numpy("logits").shape[0] == 1
         assert server.process.wait(60) == 0
     finally:
         server.stop()
+    assert '"level": "error"' not in server.log()
