@@ -23,6 +23,11 @@ async def get_state(request: Request) -> ServingState:
 
 async def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingState:
     """The serving state, or 503 while loading or draining."""
+    return require_ready(state)
+
+
+def require_ready(state: ServingState) -> ServingState:
+    """`state`, or APIError 503 while loading or draining (the gRPC service checks the same way)."""
     if state.draining:
         raise APIError(503, "draining", "the server is shutting down; retry on another replica")
     if not state.ready:
