@@ -71,7 +71,8 @@ def answers_200(
 def vitserve(repository: Path, settings: Mapping[str, object] | None = None) -> Iterator[Server]:
     """`vitserve serve` on `repository` with `settings` as VITSERVE_* variables, until the block ends."""
     port = free_port()
-    env = {**os.environ, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port)}
+    # gRPC off: benchmarks run several servers at once, which would all bind the default port 8001.
+    env = {**os.environ, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port), "VITSERVE_GRPC_PORT": "0"}
     env["VITSERVE_REPOSITORY"] = str(repository)
     env.update({f"VITSERVE_{key.upper()}": str(value) for key, value in (settings or {}).items()})
     log = tempfile.TemporaryFile()

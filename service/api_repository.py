@@ -3,12 +3,14 @@
 `POST /v2/repository/index` lists every entry on disk with its state (READY, or UNAVAILABLE and why);
 `POST /v2/repository/models/{name}/load` loads the entry's highest version, verifies it and swaps it in
 without failing a request; `.../unload` stops serving it (404 from then on). The bodies and statuses
-follow Triton's, so `tritonclient`'s `get_model_repository_index`, `load_model` and `unload_model` work.
+follow Triton's, so `tritonclient`'s `get_model_repository_index`, `load_model` and `unload_model` work
+(over gRPC too: `service.grpc_server` calls the same lifecycle).
 See `service.lifecycle` for what a load checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -60,9 +62,10 @@ async def _body(request: Request, model: type[Body]) -> Body:
 IGNORED_PARAMETERS = {"unload_dependents"}
 
 
-def _no_overrides(request: ModelControlRequest) -> None:
-    """Triton can take a config or files in the request; vitserve loads only what the repository holds."""
-    unsupported = sorted(set(request.parameters) - IGNORED_PARAMETERS)
+def refuse_overrides(parameters: Iterable[str]) -> None:
+    """Triton can take a config or files in the request; vitserve loads only what the repository holds
+    (the gRPC service checks its load and unload parameters here too)."""
+    unsupported = sorted(set(parameters) - IGNORED_PARAMETERS)
     if unsupported:
         raise APIError(
             400,
@@ -84,7 +87,7 @@ async def repository_index(
 async def load_model(
     model: str, request: Request, state: Annotated[ServingState, Depends(ready_state)]
 ) -> dict:
-    _no_overrides(await _body(request, ModelControlRequest))
+    refuse_overrides((await _body(request, ModelControlRequest)).parameters)
     await state.lifecycle.load(model)
     return {}
 
@@ -93,6 +96,6 @@ async def load_model(
 async def unload_model(
     model: str, request: Request, state: Annotated[ServingState, Depends(ready_state)]
 ) -> dict:
-    _no_overrides(await _body(request, ModelControlRequest))
+    refuse_overrides((await _body(request, ModelControlRequest)).parameters)
     await state.lifecycle.unload(model)
     return {}

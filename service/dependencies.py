@@ -22,7 +22,13 @@ async def get_state(request: Request) -> ServingState:
 
 
 async def ready_state(state: Annotated[ServingState, Depends(get_state)]) -> ServingState:
-    """The serving state, or 503 while loading or once the drain has begun.
+    """The serving state, or 503 while loading or once the drain has begun."""
+    return require_ready(state)
+
+
+def require_ready(state: ServingState) -> ServingState:
+    """`state`, or APIError 503 while loading or once the drain has begun (the gRPC service checks
+    the same way).
 
     During the shutdown delay (`draining` while still `ready`) requests are served: readiness is
     already false, but a load balancer takes a while to notice, and what it still sends here must

@@ -7,7 +7,13 @@ meanwhile must not fail. Every response from then on carries `Connection: close`
 (service/draining.py), so keep-alive clients reconnect, and their balancer picks another replica.
 After the delay uvicorn stops accepting connections while the batchers drain for at most
 `drain_timeout_s`; a request that still arrives on an open connection is answered 503 (draining).
-Exit status:
+
+The KServe v2 gRPC service (`service.grpc_server`, on `grpc_port` unless 0) runs on the same event
+loop: it listens before the models load (live, not ready, until the HTTP listener opens too),
+reads the same readiness (ServerReady is false from the signal on, calls are still served during
+the delay), and stops with the HTTP server (GOAWAY to its clients), giving its calls in flight as
+long as uvicorn gives connections. A gRPC port that cannot be bound fails start-up like an HTTP
+one. Exit status:
 
 - 0 (`DRAINED`): every queued and running request finished; a drain that completes is a clean
   exit, not death by signal (uvicorn would otherwise re-raise the signal).
@@ -25,9 +31,12 @@ import signal
 import sys
 import time
 
+import grpc
 import uvicorn
 
 from service.app import create_app
+from service.connections import header_deadline_protocol
+from service.grpc_server import start_grpc_server
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -37,16 +46,42 @@ STARTUP_FAILURE = 3
 DRAIN_TIMED_OUT = 4
 # After the drain, the time left for handlers to write their answers before uvicorn cancels them.
 ANSWER_GRACE_S = 5.0
+log = logging.getLogger("vitserve.server")
 
 
 class _Server(uvicorn.Server):
     """uvicorn server that turns readiness off, keeps serving for the shutdown delay, then exits."""
 
-    def __init__(self, config: uvicorn.Config, app, shutdown_delay_s: float):
+    def __init__(self, config: uvicorn.Config, app, settings: Settings):
         super().__init__(config)
         self._app = app
-        self._shutdown_delay_s = shutdown_delay_s
+        self._settings = settings
+        self._shutdown_delay_s = settings.shutdown_delay_s
         self._exit_requested_at: float | None = None
+        self._grpc: grpc.aio.Server | None = None
+
+    async def startup(self, sockets=None) -> None:
+        """The gRPC service, then uvicorn's start-up (loading, then the HTTP listener).
+
+        gRPC binds first, so a taken port fails at once (exit 3, as a taken HTTP port does) and it
+        is listening by the time HTTP readiness answers; while the models load it answers live,
+        not ready."""
+        if self._settings.grpc_port:
+            try:
+                self._grpc = await start_grpc_server(
+                    self._app.state.serving, self._settings, self._app.version
+                )
+            except RuntimeError as exc:
+                log.error(
+                    "grpc port unavailable", extra={"port": self._settings.grpc_port, "reason": str(exc)}
+                )
+                sys.exit(STARTUP_FAILURE)
+        try:
+            await super().startup(sockets)
+        except BaseException:
+            if self._grpc is not None:
+                await self._grpc.stop(None)
+            raise
 
     def handle_exit(self, sig: int, frame) -> None:
         self._app.state.serving.draining = True
@@ -59,8 +94,13 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         """Drain the batchers beside uvicorn's wait for connections, so an expired drain answers them."""
         drain = asyncio.ensure_future(self._app.state.serving.drain())
+        grpc_stopped = None
+        if self._grpc is not None:
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(self.config.timeout_graceful_shutdown))
         await super().shutdown(sockets)
         await drain
+        if grpc_stopped is not None:
+            await grpc_stopped
 
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
@@ -77,11 +117,12 @@ def serve(settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
+        http=header_deadline_protocol(settings.header_timeout_s, app.state.serving.metrics),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + ANSWER_GRACE_S,
     )
-    server = _Server(config, app, settings.shutdown_delay_s)
+    server = _Server(config, app, settings)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)

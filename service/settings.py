@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, gt=0, description="Batch cap; default from config.pbtxt.")
     max_batch_tokens: int = Field(200_000, gt=0, description="Token budget per batch for high resolutions.")
     request_timeout_ms: float = Field(30_000, gt=0, description="Default per-request deadline.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Request headers not complete this long after a connection opens or a request "
+        "starts get 408 and the connection is closed (slow clients cannot hold connections).",
+    )
     top_k: int = Field(5, ge=1, description="Default number of labels returned by /v1/classify.")
     max_explain_queue: int = Field(
         4, ge=1, description="/v1/explain requests waiting for the explain thread before 429."

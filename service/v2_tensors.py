@@ -1,5 +1,9 @@
 """KServe v2 infer requests checked completely before anything is queued, and their responses encoded.
 
+HTTP bodies come in through `parse_infer`; gRPC requests are translated into the same validated
+request by `service.grpc_tensors` and go through the same `check_request`, and both transports
+build their responses from `output_tensors`, so HTTP and gRPC accept, refuse and answer alike.
+
 Everything a request can get wrong is answered 400 with the reason before a row reaches a batcher:
 the JSON (strict numbers, finite, see `service.schemas.V2Tensor`), the input's name, datatype and
 shape (batch 1..max_batch_size, exact per-image dims), the binary extension's sizes (each input's
@@ -83,8 +87,15 @@ def _split(body: bytes, header_length: str | None) -> tuple[V2InferRequest, byte
             f"Inference-Header-Content-Length {header_length!r} must be the JSON header's byte count, "
             f"at most the body's {len(body)} bytes"
         )
+    return validate_request(head), binary
+
+
+def validate_request(head: bytes | dict[str, Any]) -> V2InferRequest:
+    """The request as JSON bytes (HTTP) or as a dict (gRPC, see `service.grpc_tensors`), validated."""
     try:
-        return V2InferRequest.model_validate_json(head), binary
+        if isinstance(head, bytes):
+            return V2InferRequest.model_validate_json(head)
+        return V2InferRequest.model_validate(head)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -109,16 +120,22 @@ def _pixels(request: V2InferRequest, binary: bytes, entry: ModelEntry, max_batch
     size = _count(tensor.parameters, "binary_data_size")
     if tensor.data is not None:
         if size is not None or binary:
-            raise _invalid("input has JSON data and binary data; send one of them")
+            raise _invalid(
+                "input has data values and binary data (raw_input_contents over gRPC); send one of them"
+            )
         if len(tensor.data) != count:
             raise _invalid(f"input has {len(tensor.data)} values, shape {tensor.shape} needs {count}")
         array = np.asarray(tensor.data, dtype=dtype)
     else:
         if size is None:
-            raise _invalid("input has neither 'data' nor parameters.binary_data_size")
+            raise _invalid(
+                "input has neither 'data' nor parameters.binary_data_size "
+                "(over gRPC: neither contents nor raw_input_contents)"
+            )
         if size != count * dtype.itemsize:
             raise _invalid(
-                f"binary_data_size is {size} bytes, shape {tensor.shape} of {tensor.datatype} needs "
+                f"binary data (binary_data_size, or raw_input_contents over gRPC) is {size} bytes, shape "
+                f"{tensor.shape} of {tensor.datatype} needs "
                 f"{count * dtype.itemsize}"
             )
         if size != len(binary):
@@ -168,6 +185,14 @@ def parse_infer(
 ) -> ParsedInfer:
     """Check a whole infer request (see the module docstring); APIError 400 naming the first problem."""
     request, binary = _split(body, header_length)
+    return check_request(request, binary, entry, max_batch_size)
+
+
+def check_request(
+    request: V2InferRequest, binary: bytes, entry: ModelEntry, max_batch_size: int
+) -> ParsedInfer:
+    """Check a validated request whose binary inputs, if any, are `binary` in input order (each
+    input's `binary_data_size` bytes); shared by HTTP and gRPC so both refuse the same requests."""
     outputs = _outputs(request, entry)
     timeout_us = _timeout_us(request)
     return ParsedInfer(request.id or "", _pixels(request, binary, entry, max_batch_size), outputs, timeout_us)
@@ -195,26 +220,57 @@ def _bytes_tensor(strings: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def encode_infer(entry: ModelEntry, parsed: ParsedInfer, outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
-    """The response body and the length of its JSON header (equal to the body's without binary outputs)."""
-    described, blobs = [], []
+@dataclass(frozen=True)
+class OutputTensor:
+    """One response tensor: FP32 values, or the classification extension's BYTES strings."""
+
+    name: str
+    datatype: str
+    values: np.ndarray
+    binary: bool
+
+    def raw(self) -> bytes:
+        """The tensor in the binary layout (HTTP binary extension, gRPC raw_output_contents)."""
+        return _bytes_tensor(self.values) if self.datatype == "BYTES" else self.values.tobytes()
+
+
+def output_tensors(
+    entry: ModelEntry, parsed: ParsedInfer, outputs: dict[str, np.ndarray]
+) -> list[OutputTensor]:
+    """The requested outputs of a batch's results; 500 when the model produced NaN or infinities,
+    whichever way they would travel."""
+    tensors = []
     for output in parsed.outputs:
         values = np.ascontiguousarray(outputs[output.key], dtype=np.float32)
-        item: dict[str, Any] = {"name": output.name}
+        if not np.isfinite(values).all():
+            raise APIError(
+                500,
+                "non_finite_output",
+                f"model {entry.name} produced NaN or infinite outputs for finite input",
+            )
         if output.class_count:
             strings = _classify(values, output.class_count, entry.labels)
-            item.update(datatype="BYTES", shape=list(strings.shape))
-            blob = _bytes_tensor(strings) if output.binary else None
-            data = strings.ravel().tolist()
+            tensors.append(OutputTensor(output.name, "BYTES", strings, output.binary))
         else:
-            item.update(datatype="FP32", shape=list(values.shape))
-            blob = values.tobytes() if output.binary else None
-            data = values.ravel().tolist()
-        if blob is None:
-            item["data"] = data
-        else:
+            tensors.append(OutputTensor(output.name, "FP32", values, output.binary))
+    return tensors
+
+
+def encode_infer(entry: ModelEntry, parsed: ParsedInfer, outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    """The HTTP response body and the length of its JSON header (the body's, without binary outputs)."""
+    described, blobs = [], []
+    for tensor in output_tensors(entry, parsed, outputs):
+        item: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.values.shape),
+        }
+        if tensor.binary:
+            blob = tensor.raw()
             item["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        else:
+            item["data"] = tensor.values.ravel().tolist()
         described.append(item)
     response = {
         "model_name": entry.name,
@@ -222,10 +278,5 @@ def encode_infer(entry: ModelEntry, parsed: ParsedInfer, outputs: dict[str, np.n
         "id": parsed.id,
         "outputs": described,
     }
-    try:
-        head = json.dumps(response, allow_nan=False).encode()
-    except ValueError:
-        raise APIError(
-            500, "non_finite_output", f"model {entry.name} produced NaN or infinite outputs for finite input"
-        ) from None
+    head = json.dumps(response).encode()
     return head + b"".join(blobs), len(head)

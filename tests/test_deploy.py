@@ -424,8 +424,18 @@ def test_gateway_sends_each_backbone_to_the_pool_that_serves_it(overlay: str) ->
         # Headless: DNS answers pod IPs, so the Service port must be the container port itself.
         container_ports = {named_port(c, port["targetPort"]) for c in containers(pool_deployment)} - {None}
         assert container_ports == {url.port}, f"{url.geturl()}: the pods listen on {container_ports}"
-        if overlay in GPU_OVERLAYS:
-            assert protocol == "grpc" and url.port == 8001
+        # Pools default to gRPC whatever serves them (vitserve or Triton): raw tensors, keepalive.
+        assert protocol == "grpc" and url.port == 8001
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_vitserve_grpc_ports_are_the_ones_the_settings_serve(overlay: str) -> None:
+    """A vitserve container's `grpc` port is VITSERVE_GRPC_PORT, and its `http` port VITSERVE_PORT."""
+    for deployment in build(overlay).of("Deployment"):
+        for container in filter(is_vitserve, containers(deployment)):
+            settings = settings_of(container_env(deployment, container))
+            assert named_port(container, "grpc") == settings.grpc_port != 0, container["name"]
+            assert named_port(container, "http") == settings.port, container["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +154,29 @@ def test_repository_that_is_a_file_is_refused(tmp_path):
     _assert_refused(_request(target), r"is a file, not a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_repository_is_refused(repository):
-    repository.chmod(0o555)
+@contextmanager
+def _read_only(directory: Path) -> Iterator[None]:
+    """`directory` made unwritable: by its mode for users; root ignores modes, so for root by the
+    immutable attribute (chattr, from e2fsprogs: apt-get install e2fsprogs)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    subprocess.run(["chattr", "+i", str(directory)], check=True)
     try:
-        _assert_refused(_request(repository), r"is not writable \(Permission denied\)")
+        yield
     finally:
-        repository.chmod(0o755)
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_read_only_repository_is_refused(repository):
+    with _read_only(repository):
+        _assert_refused(
+            _request(repository), r"is not writable \((Permission denied|Operation not permitted)\)"
+        )
 
 
 def test_verification_failure_fails_the_export_and_writes_nothing(tmp_path, monkeypatch):

@@ -89,7 +89,13 @@ def test_make_serve_listens_on_vitserve_port(photo_repository: Path, tmp_path: P
     for stamp in (".first-buckets-complete", ".default-complete"):
         (repository / stamp).touch()
     port = free_port()
-    env = {**os.environ, "VITSERVE_PORT": str(port), "VITSERVE_REPOSITORY": str(repository)}
+    # gRPC off: its default port 8001 may be another test server's.
+    env = {
+        **os.environ,
+        "VITSERVE_PORT": str(port),
+        "VITSERVE_REPOSITORY": str(repository),
+        "VITSERVE_GRPC_PORT": "0",
+    }
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

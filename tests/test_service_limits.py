@@ -11,6 +11,7 @@ hang up. Whether a request was computed is read from the batch_size histogram.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ MAX_BODY_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
 # Room for three preprocessed 224 images in the global pool's queue (3 x 3 x 224 x 224 float32).
 MAX_QUEUE_BYTES = 3 * 3 * 224 * 224 * 4
+HEADER_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def limits_server(
         max_body_bytes=MAX_BODY_BYTES,
         max_pixels=MAX_PIXELS,
         max_queue_bytes=MAX_QUEUE_BYTES,
+        header_timeout_s=HEADER_TIMEOUT_S,
         # The limits are under test, not routing: the square policy pins small images to one entry.
         routing_policy="square",
         # A fixed batch limit: start-up calibration could pick batch 1, and no request would wait.
@@ -259,6 +262,36 @@ def test_slow_upload_times_out_408_at_its_deadline_while_others_are_served(
         while b"\r\n\r\n" not in answer:
             answer += slow.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def _read_until_closed(client: socket.socket) -> bytes:
+    client.settimeout(60)
+    received = b""
+    while chunk := client.recv(4096):
+        received += chunk
+    return received
+
+
+def test_slow_headers_get_408_and_their_connection_closed_while_others_are_served(
+    limits_server: ServerProcess,
+) -> None:
+    """A slowloris client that keeps sending header lines, and one that sends nothing, both lose their
+    connection at the header deadline; requests from everyone else are served meanwhile."""
+    url = limits_server.url
+    before = scrape_metrics(url)
+    address = ("127.0.0.1", limits_server.port)
+    with socket.create_connection(address) as slow, socket.create_connection(address) as silent:
+        slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\n")
+        assert_serves(url)
+        slow.sendall(b"Content-Type: image/png\r\n")  # more header bytes do not extend the deadline
+        answer = _read_until_closed(slow)
+        assert _read_until_closed(silent) == b""  # nothing was asked, so nothing is answered
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(body)["error"]["code"] == "header_timeout"
+    counted = scrape_metrics(url) - before
+    assert counted.value("vitserve_requests_total", endpoint="none", status="408") == 1
+    assert_serves(url)
 
 
 def test_client_that_disconnects_mid_upload_is_dropped_and_counted(limits_server: ServerProcess) -> None:

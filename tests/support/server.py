@@ -36,12 +36,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class ServerProcess:
-    """A running server: its base URL, process handle and log file."""
+    """A running server: its base URL, process handle, log file and gRPC HOST:PORT (None without gRPC)."""
 
     url: str
     port: int
     process: subprocess.Popen
     log_path: Path
+    grpc_address: str | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -61,6 +62,8 @@ class ServerProcess:
 def start_server(log_dir: Path, port: int | None = None, **settings: object) -> ServerProcess:
     """Start `vitserve serve` with VITSERVE_* settings and wait until /v2/health/ready answers 200.
 
+    The gRPC service is off unless `grpc_port` is given (e.g. `free_port()`).
+
     `host` may be any 127.0.0.0/8 address, so several servers can stand for pods with their own IPs.
     """
     host = str(settings.get("host", "127.0.0.1"))
@@ -70,6 +73,8 @@ def start_server(log_dir: Path, port: int | None = None, **settings: object) -> 
         "VITSERVE_HOST": "127.0.0.1",
         "VITSERVE_PORT": str(port),
         "VITSERVE_LOG_LEVEL": "info",
+        # Off unless a test asks for a port: concurrent servers would all bind the default 8001.
+        "VITSERVE_GRPC_PORT": "0",
     }
     env.update({f"VITSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,9 @@ def start_server(log_dir: Path, port: int | None = None, **settings: object) -> 
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[2],
         )
-    server = ServerProcess(f"http://{host}:{port}", port, process, log_path)
+    grpc_port = int(str(settings.get("grpc_port", 0)))
+    grpc_address = f"{host}:{grpc_port}" if grpc_port else None
+    server = ServerProcess(f"http://{host}:{port}", port, process, log_path, grpc_address)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
