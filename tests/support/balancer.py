@@ -28,6 +28,7 @@ class Balancer:
         self._turn = itertools.count()
         self._open: Counter[Backend] = Counter()
         self._lock = threading.Lock()
+        self._writers: set[asyncio.StreamWriter] = set()  # open connections, touched on the loop only
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="balancer", daemon=True).start()
         start = asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -64,17 +65,23 @@ class Balancer:
         backend, reader, writer = connected
         with self._lock:
             self._open[backend] += 1
+        self._writers |= {client_writer, writer}
         try:
             await asyncio.gather(_pipe(client_reader, writer), _pipe(reader, client_writer))
         finally:
+            self._writers -= {client_writer, writer}
             with self._lock:
                 self._open[backend] -= 1
 
     def close(self) -> None:
+        """Stop listening, close every open connection and wait for its handler, then stop the loop."""
+
         async def stop() -> None:
             self._server.close()
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
-                task.cancel()
+            handlers = asyncio.all_tasks() - {asyncio.current_task()}
+            for writer in self._writers:
+                writer.close()
+            await asyncio.wait(handlers, timeout=CONNECT_TIMEOUT_S)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(CONNECT_TIMEOUT_S)
         self._loop.call_soon_threadsafe(self._loop.stop)
