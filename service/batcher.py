@@ -221,10 +221,8 @@ class Batcher:
         self.tokens_per_item = tokens_per_item
         # The token budget is a row cap: every request of a bucket has the same token count. A single
         # request over budget still runs alone, or it could never be served.
-        self._token_rows = (
-            max_batch_size if max_batch_tokens is None else max(1, max_batch_tokens // tokens_per_item)
-        )
-        self.rows = min(max_batch_size, self._token_rows)
+        self._token_rows = None if max_batch_tokens is None else max(1, max_batch_tokens // tokens_per_item)
+        self.set_batch_limit(max_batch_size)
         self._max_delay = max_queue_delay_s
         self._max_queue_size = max_queue_size
         self._max_concurrent = max_concurrent_batches
@@ -445,7 +443,7 @@ class Batcher:
         cost calibrated after the batcher started changes the batch with the best throughput."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 for batcher {self._model!r}/{self.bucket}")
-        self.rows = min(max_batch_size, self._token_rows)
+        self.rows = max_batch_size if self._token_rows is None else min(max_batch_size, self._token_rows)
 
     def _buffer(self) -> np.ndarray:
         """A reused buffer of `rows` rows; those of an earlier batch limit are dropped."""
