@@ -1,7 +1,8 @@
 """`VITSERVE_CALIBRATION_MODE=background`, the start-up `make serve` uses: the server is ready before any
 entry is measured, routes on FLOP estimates (saying so) and batches up to config.pbtxt's limit until
 then; once the background task has measured every entry, routes carry the measured costs, each
-batcher the best measured batch, and VITSERVE_CALIBRATION_OUT holds what was measured.
+batcher the best measured batch, and VITSERVE_CALIBRATION_OUT holds what was measured. Costs from a
+calibration file hold from the first request in either mode.
 
 In-process on the real photo repository and ONNX Runtime, so "before any measurement" is exact: the
 background task cannot run before `start()` returns control to the event loop.
@@ -12,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.calibration import ESTIMATED, MEASURED, read_calibration
+import pytest
+
+from export.repository import read_repository
+from service.calibration import ESTIMATED, FILE, MEASURED, EntryCost, read_calibration, write_calibration
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServingState
@@ -69,3 +73,34 @@ def test_ready_on_estimates_then_measured_in_the_background(photo_repository: Pa
         calibration_max_run_s=MAX_RUN_S,
     )
     asyncio.run(start_and_calibrate(settings))
+
+
+async def start_on_file_costs(settings: Settings, expected: dict[str, EntryCost]) -> None:
+    state = ServingState(settings=settings, metrics=Metrics())
+    await state.start()
+    try:
+        if state.background_calibration is not None:
+            await asyncio.wait_for(state.background_calibration, CALIBRATION_TIMEOUT_S)
+        assert state.costs == expected
+        assert candidate_sources(state) == {FILE}
+        assert {name: state.batcher(entry).rows for name, entry in state.entries.items()} == dict.fromkeys(
+            state.entries, 2
+        )
+    finally:
+        await state.stop()
+
+
+@pytest.mark.parametrize("mode", ["startup", "background"])
+def test_calibration_file_costs_are_used_from_the_start_and_never_remeasured(
+    photo_repository: Path, tmp_path: Path, mode: str
+) -> None:
+    """Entries in VITSERVE_CALIBRATION keep the file's costs in either mode; each batch limit is the
+    file's best batch (batch 2 here: batch 4 does not pay for its latency)."""
+    costs = {
+        entry.name: EntryCost({1: 0.010, 2: 0.015, 4: 0.030}, FILE)
+        for entry in read_repository(photo_repository)
+    }
+    path = tmp_path / "calibration.yaml"
+    write_calibration(path, costs)
+    settings = Settings(repository=photo_repository, calibration_mode=mode, calibration=path)
+    asyncio.run(start_on_file_costs(settings, costs))
