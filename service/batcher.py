@@ -221,10 +221,8 @@ class Batcher:
         self.tokens_per_item = tokens_per_item
         # The token budget is a row cap: every request of a bucket has the same token count. A single
         # request over budget still runs alone, or it could never be served.
-        token_rows = (
-            max_batch_size if max_batch_tokens is None else max(1, max_batch_tokens // tokens_per_item)
-        )
-        self.rows = min(max_batch_size, token_rows)
+        self._token_rows = None if max_batch_tokens is None else max(1, max_batch_tokens // tokens_per_item)
+        self.set_batch_limit(max_batch_size)
         self._max_delay = max_queue_delay_s
         self._max_queue_size = max_queue_size
         self._max_concurrent = max_concurrent_batches
@@ -440,8 +438,20 @@ class Batcher:
             return self._max_concurrent
         return max(1, min(self._max_concurrent, self._capacity()))
 
+    def set_batch_limit(self, max_batch_size: int) -> None:
+        """Batches of at most `max_batch_size` from the next one taken on (within the token budget): a
+        cost calibrated after the batcher started changes the batch with the best throughput."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1 for batcher {self._model!r}/{self.bucket}")
+        self.rows = max_batch_size if self._token_rows is None else min(max_batch_size, self._token_rows)
+
     def _buffer(self) -> np.ndarray:
-        return self._buffers.pop() if self._buffers else np.empty((self.rows, *self.input_shape), np.float32)
+        """A reused buffer of `rows` rows; those of an earlier batch limit are dropped."""
+        while self._buffers:
+            buffer = self._buffers.pop()
+            if len(buffer) == self.rows:
+                return buffer
+        return np.empty((self.rows, *self.input_shape), np.float32)
 
     def _notify(self) -> None:
         if self._wake is not None and not self._wake.done():

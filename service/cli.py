@@ -6,6 +6,7 @@ Flags default to the `VITSERVE_*` environment (see service.settings.Settings).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def _run_export(args: argparse.Namespace) -> int:
         return 2
     for entry in entries:
         print(f"wrote {entry.path}")
+    # The exporter leaves millions of objects (FX graphs, sympy expressions) for the interpreter's
+    # collections at exit: 2.5 s of the quick start's critical path. Frozen, exit skips them.
+    gc.freeze()
     return 0
 
 

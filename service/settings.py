@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     calibration_out: Path | None = Field(
         None, description="Write the costs used at start-up to this YAML file."
     )
+    calibration_mode: Literal["startup", "background"] = Field(
+        "startup",
+        description="startup: measure each local entry's cost before the server reports ready; "
+        "background: ready at once on the calibration file or FLOP estimates, then measure each "
+        "entry and re-plan its batch limit and the routes (what `make serve` uses).",
+    )
     calibration_max_run_s: float = Field(
         0.25,
         gt=0,

@@ -3,13 +3,17 @@
 Built once at start-up (lifespan), read by the request handlers through FastAPI dependencies.
 Start-up order: read the repository, check the routing against it, load and warm every runtime,
 calibrate each entry's cost (service/calibration.py), then size each batcher at its best measured
-batch and build the router on the calibrated costs.
+batch and build the router on the calibrated costs. With `VITSERVE_CALIBRATION_MODE=background` the
+server is ready before any measurement: entries start on the calibration file's costs or FLOP
+estimates (routes say which in `cost_source`) and batch up to config.pbtxt's max_batch_size; a
+background task then measures them one at a time and re-plans each batcher and the router.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,6 +62,11 @@ class ServingState:
     backbones: dict[str, dict[Shape, ModelEntry]] = field(default_factory=dict)
     costs: dict[str, EntryCost] = field(default_factory=dict)
     lifecycle: ModelLifecycle | None = None
+    # The task measuring entries after start-up (VITSERVE_CALIBRATION_MODE=background), else None.
+    background_calibration: asyncio.Task[None] | None = field(default=None, repr=False)
+    # One measurement at a time (start-up, background, newly polled entries): concurrent ones would
+    # share the cores and each measure the other.
+    _measuring: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def probe_ready(self) -> bool:
@@ -88,7 +97,12 @@ class ServingState:
     def _regroup(self) -> None:
         """Group the entries again; a derived routing follows the shapes served (a routing file stays)."""
         self.backbones = group_by_backbone(list(self.entries.values()))
-        if self.router is None or self.settings.routing is not None:
+        if self.settings.routing is None:
+            self._rebuild_router()
+
+    def _rebuild_router(self) -> None:
+        """The router again, on the entries served and their current costs (gateway role only)."""
+        if self.router is None:
             return
         try:
             self.router = build_router(list(self.entries.values()), self.settings, self.costs)
@@ -132,10 +146,12 @@ class ServingState:
             log.info(
                 "loaded", extra={"model": entry.name, "seconds": round(time.perf_counter() - started, 3)}
             )
-        for entry in entries:
-            await loop.run_in_executor(None, self.calibrate, entry, self.runtimes[entry.name])
-        if settings.calibration_out is not None:
-            write_calibration(settings.calibration_out, self.costs)
+        if settings.calibration is not None:
+            self.costs.update(read_calibration(settings.calibration))
+        if settings.calibration_mode == "startup":
+            for entry in entries:
+                await loop.run_in_executor(None, self.calibrate, entry, self.runtimes[entry.name])
+            self._write_calibration()
         if self.router is not None:
             self.router = build_router(entries, settings, self.costs)
         self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
@@ -145,6 +161,33 @@ class ServingState:
             self.add_batcher(entry, self.lifecycle.adopt(entry, runtime), runtime)
         self.ready = True
         self.lifecycle.start_polling()
+        if settings.calibration_mode == "background":
+            self.background_calibration = loop.create_task(self._calibrate_in_background(entries))
+
+    async def _calibrate_in_background(self, entries: list[ModelEntry]) -> None:
+        """Measure the start-up entries one by one after the server is ready; after each, its batcher
+        takes the best measured batch and the router the measured cost. Entries unloaded or replaced
+        meanwhile are skipped (a polled version is calibrated when it loads); one whose measurement
+        fails keeps its estimate, and the failure is logged."""
+        loop = asyncio.get_running_loop()
+        for entry in entries:
+            runtime = self.runtimes.get(entry.name)
+            if runtime is None or self.entries.get(entry.name) is not entry:
+                continue
+            try:
+                cost = await loop.run_in_executor(None, self.calibrate, entry, runtime)
+            except Exception as exc:
+                log.warning("calibration failed", extra={"model": entry.name, "reason": repr(exc)})
+                continue
+            if cost is None or self.entries.get(entry.name) is not entry:
+                continue
+            self.batcher(entry).set_batch_limit(self.settings.max_batch_size or self.batch_limit(entry))
+            self._rebuild_router()
+        self._write_calibration()
+
+    def _write_calibration(self) -> None:
+        if self.settings.calibration_out is not None:
+            write_calibration(self.settings.calibration_out, self.costs)
 
     def add_batcher(self, entry: ModelEntry, run_batch: RunBatch, runtime: Runtime) -> Batcher:
         """The entry's batcher, with limits from the settings or else from its config.pbtxt.
@@ -187,15 +230,14 @@ class ServingState:
         Remote entries without a file entry are left to the router's FLOP estimate (None). Blocking:
         call it from a worker thread."""
         settings = self.settings
-        if not self.costs and settings.calibration is not None:
-            self.costs.update(read_calibration(settings.calibration))
         if entry.name in self.costs and self.costs[entry.name].source != MEASURED:
             return self.costs[entry.name]
         if settings.runtime_for(entry.name, entry.backbone) == "triton":
             return None
-        self.costs[entry.name] = measure(
-            runtime.run, entry.input_shape, entry.max_batch_size, settings.calibration_max_run_s
-        )
+        with self._measuring:
+            self.costs[entry.name] = measure(
+                runtime.run, entry.input_shape, entry.max_batch_size, settings.calibration_max_run_s
+            )
         log.info("calibrated", extra={"model": entry.name, "seconds": dict(self.costs[entry.name].seconds)})
         return self.costs[entry.name]
 
@@ -270,6 +312,9 @@ class ServingState:
         await self._drain_task
 
     async def _drain_once(self) -> None:
+        if self.background_calibration is not None:
+            self.background_calibration.cancel()
+            await asyncio.gather(self.background_calibration, return_exceptions=True)
         if self.lifecycle is not None:
             await self.lifecycle.stop_polling()
         if self.batchers is None:

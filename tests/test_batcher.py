@@ -140,6 +140,27 @@ async def test_max_batch_size_caps_every_batch() -> None:
 
 
 @async_test
+async def test_a_new_batch_limit_applies_from_the_next_batch_on() -> None:
+    """A cost calibrated after start-up re-plans the limit (service/state.py, background calibration):
+    batches grow past the old limit and shrink below it, and every row still reaches its caller,
+    through buffers of the old size being dropped rather than reused."""
+    run = RowSums()
+    batcher = make(run, max_batch_size=2, max_queue_delay_s=0.05)
+    for limit, ids in ((2, range(0, 6)), (6, range(6, 12)), (1, range(12, 15))):
+        batcher.set_batch_limit(limit)
+        first = len(run.batches)
+        results = await asyncio.gather(*(batcher.submit(image(i)) for i in ids))
+        assert max(len(b) for b in run.batches[first:]) <= limit
+        for i, result in zip(ids, results, strict=True):
+            check_own_row(run, i, result)
+    assert max(len(b) for b in run.batches) == 6
+    assert sorted(run.computed) == list(range(15))
+    with pytest.raises(ValueError, match="at least 1"):
+        batcher.set_batch_limit(0)
+    await batcher.close()
+
+
+@async_test
 async def test_lone_requests_start_at_once_but_wait_for_company_after_a_shared_batch() -> None:
     """A minute of queue delay: only the batcher's own choice can make these requests finish promptly."""
     run = RowSums()

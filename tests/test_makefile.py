@@ -28,18 +28,26 @@ KEEP_VENV = ("-o", ".venv/.installed")
 OUTER_MAKE = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
 
 
-def make_dry_run(target: str, *assignments: str, env: dict[str, str] | None = None) -> list[str]:
-    """The commands `make -n TARGET` would run, one per line, as from a shell (not under make)."""
+def run_make(*arguments: str, env: dict[str, str] | None = None) -> list[str]:
+    """The output of `make ARGUMENTS` in the checkout, one line per item, as from a shell (not under make)."""
     outer = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
     result = subprocess.run(
-        ["make", "-n", *KEEP_VENV, target, *assignments],
+        ["make", *arguments],
         cwd=ROOT,
         env={**outer, **(env or {})},
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     )
     return result.stdout.splitlines()
+
+
+def make_dry_run(
+    target: str, *assignments: str, env: dict[str, str] | None = None, options: tuple[str, ...] = KEEP_VENV
+) -> list[str]:
+    """The commands `make -n TARGET` would run, one per line."""
+    return run_make("-n", *options, target, *assignments, env=env)
 
 
 def serve_line(lines: list[str]) -> list[str]:
@@ -80,6 +88,44 @@ def test_command_line_variables_become_flags() -> None:
     assert words[words.index("--host") + 1] == "127.0.0.2"
     assert words[words.index("--port") + 1] == "9123"
     assert words[words.index("--poll-s") + 1] == "2.5"
+
+
+def test_install_for_serving_is_one_resolver_pass_with_a_current_pip() -> None:
+    """The quick start's install (issue 12): a virtualenv without ensurepip's pip (which byte-compiles
+    itself), a current pip from the system's, then one `pip install -e .` of the base dependencies only
+    (no test or benchmark extras), without byte-compiling what it installs."""
+    lines = make_dry_run(".venv/.installed", options=("-W", "pyproject.toml"))
+    assert lines[0].endswith("-m venv --without-pip .venv"), lines
+    assert "--python .venv/bin/python install -qq --no-compile 'pip>=26" in lines[1], lines
+    (project,) = [line for line in lines if line.endswith(" -e .")]
+    assert project.split() == [".venv/bin/pip", "install", "-qq", "--no-compile", "-e", "."]
+    assert not [line for line in lines if ".[" in line], lines
+
+
+def served_environment(repository: Path, name: str, env: dict[str, str] | None = None) -> str:
+    """The value of `name` in the environment the real `make serve` recipe gives the server: the
+    server command is replaced by one that prints it, on a repository whose exports are done."""
+    repository.mkdir(exist_ok=True)
+    for stamp in (".first-buckets-complete", ".default-complete"):
+        (repository / stamp).touch()
+    lines = run_make(
+        *KEEP_VENV,
+        "--no-print-directory",
+        "serve",
+        f"REPOSITORY={repository}",
+        f"VITSERVE=sh -c 'echo served {name}=$${name}' vitserve",
+        env=env,
+    )
+    (line,) = [line for line in lines if line.startswith(f"served {name}=")]
+    return line.partition("=")[2]
+
+
+def test_serve_calibrates_in_the_background_unless_the_environment_says(tmp_path: Path) -> None:
+    """`make serve` is ready before it measures any entry (the first request waits for no calibration);
+    VITSERVE_CALIBRATION_MODE in the environment still decides."""
+    name = "VITSERVE_CALIBRATION_MODE"
+    assert served_environment(tmp_path / "repo", name) == "background"
+    assert served_environment(tmp_path / "repo", name, env={name: "startup"}) == "startup"
 
 
 def test_make_serve_listens_on_vitserve_port(photo_repository: Path, tmp_path: Path) -> None:

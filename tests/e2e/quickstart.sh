@@ -21,13 +21,17 @@ started=$(date +%s.%N)
 setsid bash -c 'make serve PORT="$1" 2>&1 | while IFS= read -r line; do printf "%s %s\n" "$(date +%s.%N)" "$line"; done' \
     _ "$port" > "$work/serve.log" &
 pid=$!
+# The reader's example.jpg exists before the server is up; here it is drawn with the virtualenv's
+# Pillow as soon as the install is done, so the first request's time is the server's alone.
+example() { .venv/bin/python -c "from PIL import Image; Image.new('RGB', (320, 240), (200, 30, 30)).save('example.jpg')"; }
 limit=$(( $(date +%s) + ${QUICKSTART_TIMEOUT_S:-1800} ))
 until curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null; do
     if ! kill -0 "$pid" 2>/dev/null; then cat "$work/serve.log"; echo "make serve exited" >&2; exit 1; fi
     if [ "$(date +%s)" -gt "$limit" ]; then tail -50 "$work/serve.log"; echo "not ready after ${QUICKSTART_TIMEOUT_S:-1800} s" >&2; exit 1; fi
+    if [ ! -e example.jpg ] && [ -e .venv/.installed ]; then example; fi
     sleep 0.5
 done
-.venv/bin/python -c "from PIL import Image; Image.new('RGB', (320, 240), (200, 30, 30)).save('example.jpg')"
+[ -e example.jpg ] || example
 curl -sf -X POST "http://127.0.0.1:$port/v1/classify?top_k=3" -H 'Content-Type: image/jpeg' --data-binary @example.jpg \
     | tee "$work/response.json"
 answered=$(date +%s.%N)
