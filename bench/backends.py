@@ -17,6 +17,7 @@ import torch
 
 from bench.timing import Runner
 from export import ExportRequest, ModelEntry, export_model, read_repository
+from export.shapes import ShapeSpec, as_shape, shape_name
 from models import create_model
 
 SEED = 0
@@ -27,9 +28,10 @@ def _log(message: str) -> None:
 
 
 def export_entry(
-    model: str, repository: Path, bucket: int, artifact_format: str = "onnx", precision: str = "fp32"
+    model: str, repository: Path, bucket: ShapeSpec, artifact_format: str = "onnx", precision: str = "fp32"
 ) -> ModelEntry:
-    """Export `model` at `bucket` into `repository` and return the entry as the service reads it."""
+    """Export `model` at `bucket` (a side or (height, width)) into `repository` and return the entry
+    as the service reads it."""
     name = f"{model}-{artifact_format}-{precision}"
     torch.manual_seed(SEED)
     request = ExportRequest(
@@ -41,10 +43,10 @@ def export_entry(
         name=name,
     )
     export_model(request, log=_log)
-    entries = [e for e in read_repository(repository) if e.backbone == name and e.bucket == bucket]
+    entries = [e for e in read_repository(repository) if e.backbone == name and e.shape == as_shape(bucket)]
     if len(entries) != 1:
         raise RuntimeError(
-            f"expected one entry {name} at bucket {bucket} in {repository}, found {len(entries)}"
+            f"expected one entry {name} at bucket {shape_name(bucket)} in {repository}, found {len(entries)}"
         )
     return entries[0]
 
@@ -55,8 +57,9 @@ def eager_model(model: str) -> torch.nn.Module:
     return create_model(model).eval()
 
 
-def random_batch(batch: int, size: int) -> np.ndarray:
-    return np.random.default_rng(SEED).standard_normal((batch, 3, size, size), dtype=np.float32)
+def random_batch(batch: int, size: ShapeSpec) -> np.ndarray:
+    """Seeded normal pixels, (batch, 3, H, W) for a side or an (H, W) shape."""
+    return np.random.default_rng(SEED).standard_normal((batch, 3, *as_shape(size)), dtype=np.float32)
 
 
 def torch_runner(module: torch.nn.Module | torch.jit.ScriptModule, pixels: np.ndarray) -> Runner:
