@@ -17,6 +17,7 @@ import torch
 
 from bench.timing import Runner
 from export import ExportRequest, ModelEntry, export_model, read_repository
+from export.onnx_export import export_onnx
 from export.shapes import ShapeSpec, as_shape, shape_name
 from models import create_model
 
@@ -94,6 +95,20 @@ def ort_session(artifact: Path, threads: int, lean: bool = False) -> ort.Inferen
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+
+
+def session_runner(session: ort.InferenceSession, pixels: np.ndarray) -> Runner:
+    """Every output of `session` on `pixels`, fed to its one input (artifacts outside a repository too)."""
+    feed = {session.get_inputs()[0].name: pixels}
+    return lambda: session.run(None, feed)
+
+
+def unverified_onnx(model: str, bucket: ShapeSpec, path: Path) -> Path:
+    """`model` (seeded weights) exported by the project's exporter at `bucket`, without the verification
+    `export_entry` runs: verifying at batch 3 in PyTorch and ONNX Runtime is out of reach for a global
+    model at 2048 (three 16384-token score matrices per head in ONNX Runtime, over 18 GiB)."""
+    export_onnx(eager_model(model), bucket, path)
+    return path
 
 
 def ort_runner(session: ort.InferenceSession, entry: ModelEntry, pixels: np.ndarray) -> Runner:
