@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         [(latency[(*key, "fixed")], latency[(*key, "dynamic")]) for key in keys],
         ("fixed shape", "dynamic H, W"),
         "ms per batch (p50)",
-        f"ONNX Runtime: dynamic spatial dims vs fixed shapes, {machine['cores']} threads ({machine['date']})",
+        f"ONNX Runtime, dynamic H, W vs fixed shapes: {machine['cores']} threads, {machine['date'][:10]}",
         png,
     )
     paths.append(png)
