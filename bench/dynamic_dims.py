@@ -134,6 +134,28 @@ def _ratios(rows: list[dict]) -> dict[str, float]:
     }
 
 
+def plot(rows: list[dict], machine: dict, path: Path) -> None:
+    """Fixed vs dynamic ms per (model, shape, batch); shapes where the dynamic artifact is wrong say so."""
+    latency = {
+        (r["model"], r["shape"], r["batch"], r["variant"]): r["ms_p50"] for r in rows if "variant" in r
+    }
+    wrong = {(r["model"], r["shape"]) for r in rows if r["measurement"] == "verify" and not r["verified"]}
+    keys = [key[:3] for key in latency if key[3] == "fixed"]
+    labels = [
+        f"{model.split('_patch')[0]}\n{shape} b{batch}"
+        + ("\n(dynamic wrong)" if (model, shape) in wrong else "")
+        for model, shape, batch in keys
+    ]
+    paired_bars(
+        labels,
+        [(latency[(*key, "fixed")], latency[(*key, "dynamic")]) for key in keys],
+        ("fixed shape", "dynamic H, W"),
+        "ms per batch (p50)",
+        f"ONNX Runtime, dynamic H, W vs fixed shapes: {machine['cores']} threads, {machine['date'][:10]}",
+        path,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.dynamic_dims", description=__doc__.split("\n\n")[0]
@@ -197,19 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         "timing": asdict(plan) | {"statistic": STATISTIC},
     }
     paths = write_results(args.name, machine, run_settings, rows, summary, args.output_dir)
-    latency = {
-        (r["model"], r["shape"], r["batch"], r["variant"]): r["ms_p50"] for r in rows if "variant" in r
-    }
-    keys = [key[:3] for key in latency if key[3] == "fixed"]
     png = args.output_dir / f"{args.name}.png"
-    paired_bars(
-        [f"{model.split('_patch')[0]}\n{shape} b{batch}" for model, shape, batch in keys],
-        [(latency[(*key, "fixed")], latency[(*key, "dynamic")]) for key in keys],
-        ("fixed shape", "dynamic H, W"),
-        "ms per batch (p50)",
-        f"ONNX Runtime, dynamic H, W vs fixed shapes: {machine['cores']} threads, {machine['date'][:10]}",
-        png,
-    )
+    plot(rows, machine, png)
     paths.append(png)
     print(yaml.safe_dump(summary, sort_keys=False))
     print("wrote " + ", ".join(str(p) for p in paths))
