@@ -3,7 +3,7 @@
 Three measurements, each on servers started by `bench.http.vitserve` and read from the server's
 /proc/<pid>/status (VmRSS now, VmHWM its peak):
 
-- `shapes`: idle memory of a gateway serving several shapes of one backbone (`--model` at
+- `shapes`: idle memory of a pool serving several shapes of one backbone (`--model` at
   `--buckets`, exported here), once per ONNX Runtime setting (weights shared or not, CPU arena on
   or off). Idle is after readiness: every session loaded, warmed up and calibrated.
 - `default` (issue 8 "Memory"): the repository `make export` builds (`--repository`), default
@@ -118,7 +118,8 @@ def measure_shapes(model: str, buckets: str, threads: int) -> list[dict]:
         repository = Path(root) / "repository"
         export_model(ExportRequest(model=model, repository=repository, buckets=shapes), log=lambda _: None)
         for name, env in CONFIGS.items():
-            settings = {**BASE_SETTINGS, **env, "intra_op_threads": threads}
+            # One backbone cannot be routed: a pool serves every entry with the same sessions.
+            settings = {**BASE_SETTINGS, **env, "intra_op_threads": threads, "role": "pool"}
             started = time.monotonic()
             with vitserve(repository, settings, STARTUP_TIMEOUT_S) as server:
                 ready_s = round(time.monotonic() - started, 1)
@@ -129,7 +130,6 @@ def measure_shapes(model: str, buckets: str, threads: int) -> list[dict]:
                         **env,
                         **_idle(server),
                         "ready_s": ready_s,
-                        "batch_limits": _batch_limits(server),
                     }
                 )
             print(json.dumps(rows[-1]), flush=True)
