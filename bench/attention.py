@@ -29,12 +29,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.backends import eager_model, export_entry, ort_runner, ort_session, random_batch, torch_runner
+from bench.backends import (
+    eager_model,
+    export_entry,
+    ort_session,
+    random_batch,
+    session_runner,
+    torch_runner,
+    unverified_onnx,
+)
 from bench.machine import machine_info
+from bench.peak_memory import RUNTIMES as PEAK_RUNTIMES
 from bench.peak_memory import peak_rss
 from bench.plots import attention_lines
 from bench.results import write_results
 from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
+from export import read_repository
 from models import estimate_cost, get_config
 
 GLOBAL_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
@@ -66,6 +76,21 @@ def _cost_fields(model: str, size: int) -> dict:
     }
 
 
+def verified(model: str, bucket: int, verify_max_side: int) -> bool:
+    """Whether the ONNX artifact of `model` at `bucket` is verified: always for the windowed model,
+    up to `verify_max_side` for global ones (bench.backends.unverified_onnx says why)."""
+    return model == WINDOWED_MODEL or bucket <= verify_max_side
+
+
+def onnx_artifact(model: str, bucket: int, directory: Path, verify_max_side: int) -> Path:
+    """The ONNX artifact of `model` at `bucket`: a verified repository entry, else the same
+    exporter's output unverified (see `verified`)."""
+    if verified(model, bucket, verify_max_side):
+        return export_entry(model, directory, bucket).artifact
+    directory.mkdir(parents=True, exist_ok=True)
+    return unverified_onnx(model, bucket, directory / f"{model}-{bucket}.onnx")
+
+
 def _latency_rows(
     models: list[str],
     sides: list[int],
@@ -73,11 +98,14 @@ def _latency_rows(
     repository: Path,
     threads: int,
     plan: TimingPlan,
+    verify_max_side: int,
+    lean: bool,
 ) -> list[dict]:
     """Export and load every (model, runtime, side), then time them all interleaved.
 
     Interleaving across sides too means a burst of load from other processes hits every side
-    alike instead of tilting the curves, at the price of holding every session at once.
+    alike instead of tilting the curves, at the price of holding every session at once (`lean`
+    sessions give their activations back after each run, so several 2048 sessions fit).
     """
     cells: dict[tuple[str, str, int], tuple[Runner, int]] = {}
     for model in models:
@@ -85,10 +113,10 @@ def _latency_rows(
         for side in sides:
             if "onnxruntime" in runtimes:
                 bucket = bucket_for(model, side)
-                entry = export_entry(model, repository / str(side), bucket)
-                session = ort_session(entry.artifact, threads)
+                artifact = onnx_artifact(model, bucket, repository / str(side), verify_max_side)
+                session = ort_session(artifact, threads, lean=lean)
                 cells[(model, "onnxruntime", side)] = (
-                    ort_runner(session, entry, random_batch(1, bucket)),
+                    session_runner(session, random_batch(1, bucket)),
                     bucket,
                 )
             if "torch_eager" in runtimes:
@@ -107,6 +135,7 @@ def _latency_rows(
                 "runtime": runtime,
                 "side": side,
                 "size": size,
+                "verified": runtime != "onnxruntime" or verified(model, size, verify_max_side),
                 **fields,
                 **timing.summary(1),
                 "seconds_per_gflop": timing.median / fields["gflops"],
@@ -115,17 +144,26 @@ def _latency_rows(
     return sorted(rows, key=lambda r: (r["side"], r["runtime"], models.index(r["model"])))
 
 
-def _memory_rows(models: list[str], side: int, repository: Path, threads: int) -> list[dict]:
-    """Peak RSS of serving side x side images: the windowed model in ONNX Runtime (as served and
-    lean, see bench.backends.ort_session) and torch eager, the global `models` in torch eager.
+def _memory_rows(
+    models: list[str], side: int, repository: Path, threads: int, runtimes: list[str]
+) -> list[dict]:
+    """Peak RSS of serving side x side images: the windowed model in each ONNX Runtime
+    configuration of `runtimes` (bench.peak_memory.RUNTIMES) and in torch eager, the global
+    `models` in torch eager.
 
-    Global models are not exported at this side: export verifies each artifact at batch 2 in both
-    PyTorch and ONNX Runtime, over 10 TFLOPs for ViT-T at 2048 (minutes on a few cores).
+    Global models are not exported at this side: export verifies each artifact at batch 3 in both
+    PyTorch and ONNX Runtime, over 10 TFLOPs for ViT-T at 2048 (minutes on a few cores). The
+    windowed entry is the one the latency rows exported at this side, when they did.
     """
     bucket = bucket_for(WINDOWED_MODEL, side)
-    artifact = export_entry(WINDOWED_MODEL, repository, bucket).artifact
-    jobs = [(WINDOWED_MODEL, runtime, bucket, artifact) for runtime in ("onnxruntime", "onnxruntime_lean")]
-    jobs += [(model, "torch_eager", side, None) for model in (WINDOWED_MODEL, *models)]
+    directory = repository.parent / str(side)
+    exported = (
+        [e for e in read_repository(directory) if e.arch == WINDOWED_MODEL] if directory.exists() else []
+    )
+    artifact = exported[0].artifact if exported else export_entry(WINDOWED_MODEL, repository, bucket).artifact
+    jobs = [(WINDOWED_MODEL, r, bucket, artifact) for r in runtimes if r.startswith("onnxruntime")]
+    if "torch_eager" in runtimes:
+        jobs += [(model, "torch_eager", side, None) for model in (WINDOWED_MODEL, *models)]
     rows = []
     for model, runtime, size, path in jobs:
         print(f"peak RSS: {model} {runtime} at {size}", file=sys.stderr)
@@ -223,6 +261,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["vit_tiny_patch16_224"],
         help="global models whose torch eager forward at --memory-size is measured (they are slow there)",
     )
+    parser.add_argument(
+        "--memory-runtimes",
+        nargs="+",
+        choices=PEAK_RUNTIMES,
+        default=["onnxruntime", "onnxruntime_lean", "torch_eager"],
+        help="configurations of the peak-RSS runs (bench.peak_memory)",
+    )
+    parser.add_argument(
+        "--verify-max-side",
+        type=int,
+        default=1100,
+        help="global-model ONNX buckets above this are exported without verification (ViT-S at 2048 cannot be verified here)",
+    )
+    parser.add_argument(
+        "--ort-lean",
+        action="store_true",
+        help="latency sessions without CPU arena and memory pattern, so several 2048 sessions fit in memory",
+    )
     add_run_arguments(parser, rounds=4, seconds=4.0)
     return parser.parse_args(argv)
 
@@ -241,9 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     models = [*args.global_models, WINDOWED_MODEL]
     with tempfile.TemporaryDirectory(prefix="vitserve-bench-") as tmp:
-        rows = _latency_rows(models, args.sizes, args.runtimes, Path(tmp), threads, plan)
+        rows = _latency_rows(
+            models, args.sizes, args.runtimes, Path(tmp), threads, plan, args.verify_max_side, args.ort_lean
+        )
         if args.memory_size:
-            rows += _memory_rows(args.memory_global_models, args.memory_size, Path(tmp) / "memory", threads)
+            rows += _memory_rows(
+                args.memory_global_models,
+                args.memory_size,
+                Path(tmp) / "memory",
+                threads,
+                args.memory_runtimes,
+            )
     settings = {
         "global_models": args.global_models,
         "windowed_model": WINDOWED_MODEL,
@@ -252,7 +316,14 @@ def main(argv: list[str] | None = None) -> None:
         "onnx_buckets": {m: {s: bucket_for(m, s) for s in args.sizes} for m in models},
         "batch": 1,
         "threads": threads,
-        "ort": {"provider": "CPUExecutionProvider", "intra_op_threads": threads, "graph_optimization": "ALL"},
+        "ort": {
+            "provider": "CPUExecutionProvider",
+            "intra_op_threads": threads,
+            "graph_optimization": "ALL",
+            "lean": args.ort_lean,
+        },
+        "verify_max_side": args.verify_max_side,
+        "memory_runtimes": args.memory_runtimes,
         "timing": asdict(plan) | {"statistic": STATISTIC},
         "memory_budget_mib": MEMORY_BUDGET_MIB,
     }

@@ -17,6 +17,8 @@ import torch
 
 from bench.timing import Runner
 from export import ExportRequest, ModelEntry, export_model, read_repository
+from export.onnx_export import export_onnx
+from export.shapes import ShapeSpec, as_shape, shape_name
 from models import create_model
 
 SEED = 0
@@ -27,9 +29,10 @@ def _log(message: str) -> None:
 
 
 def export_entry(
-    model: str, repository: Path, bucket: int, artifact_format: str = "onnx", precision: str = "fp32"
+    model: str, repository: Path, bucket: ShapeSpec, artifact_format: str = "onnx", precision: str = "fp32"
 ) -> ModelEntry:
-    """Export `model` at `bucket` into `repository` and return the entry as the service reads it."""
+    """Export `model` at `bucket` (a side or (height, width)) into `repository` and return the entry
+    as the service reads it."""
     name = f"{model}-{artifact_format}-{precision}"
     torch.manual_seed(SEED)
     request = ExportRequest(
@@ -41,10 +44,10 @@ def export_entry(
         name=name,
     )
     export_model(request, log=_log)
-    entries = [e for e in read_repository(repository) if e.backbone == name and e.bucket == bucket]
+    entries = [e for e in read_repository(repository) if e.backbone == name and e.shape == as_shape(bucket)]
     if len(entries) != 1:
         raise RuntimeError(
-            f"expected one entry {name} at bucket {bucket} in {repository}, found {len(entries)}"
+            f"expected one entry {name} at bucket {shape_name(bucket)} in {repository}, found {len(entries)}"
         )
     return entries[0]
 
@@ -55,8 +58,9 @@ def eager_model(model: str) -> torch.nn.Module:
     return create_model(model).eval()
 
 
-def random_batch(batch: int, size: int) -> np.ndarray:
-    return np.random.default_rng(SEED).standard_normal((batch, 3, size, size), dtype=np.float32)
+def random_batch(batch: int, size: ShapeSpec) -> np.ndarray:
+    """Seeded normal pixels, (batch, 3, H, W) for a side or an (H, W) shape."""
+    return np.random.default_rng(SEED).standard_normal((batch, 3, *as_shape(size)), dtype=np.float32)
 
 
 def torch_runner(module: torch.nn.Module | torch.jit.ScriptModule, pixels: np.ndarray) -> Runner:
@@ -91,6 +95,20 @@ def ort_session(artifact: Path, threads: int, lean: bool = False) -> ort.Inferen
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
+
+
+def session_runner(session: ort.InferenceSession, pixels: np.ndarray) -> Runner:
+    """Every output of `session` on `pixels`, fed to its one input (artifacts outside a repository too)."""
+    feed = {session.get_inputs()[0].name: pixels}
+    return lambda: session.run(None, feed)
+
+
+def unverified_onnx(model: str, bucket: ShapeSpec, path: Path) -> Path:
+    """`model` (seeded weights) exported by the project's exporter at `bucket`, without the verification
+    `export_entry` runs: verifying at batch 3 in PyTorch and ONNX Runtime is out of reach for a global
+    model at 2048 (three 16384-token score matrices per head in ONNX Runtime, over 18 GiB)."""
+    export_onnx(eager_model(model), bucket, path)
+    return path
 
 
 def ort_runner(session: ort.InferenceSession, entry: ModelEntry, pixels: np.ndarray) -> Runner:

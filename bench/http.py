@@ -68,8 +68,15 @@ def answers_200(
 
 
 @contextmanager
-def vitserve(repository: Path, settings: Mapping[str, object] | None = None) -> Iterator[Server]:
-    """`vitserve serve` on `repository` with `settings` as VITSERVE_* variables, until the block ends."""
+def vitserve(
+    repository: Path,
+    settings: Mapping[str, object] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Iterator[Server]:
+    """`vitserve serve` on `repository` with `settings` as VITSERVE_* variables, until the block ends.
+
+    `startup_timeout_s` bounds loading, warming up and calibrating every entry (a large
+    repository on a busy machine takes minutes)."""
     port = free_port()
     # gRPC off: benchmarks run several servers at once, which would all bind the default port 8001.
     env = {**os.environ, "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(port), "VITSERVE_GRPC_PORT": "0"}
@@ -84,7 +91,7 @@ def vitserve(repository: Path, settings: Mapping[str, object] | None = None) -> 
         stderr=log,
     )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout_s
         while not answers_200(port):
             if process.poll() is not None:
                 log.seek(0)
@@ -92,7 +99,7 @@ def vitserve(repository: Path, settings: Mapping[str, object] | None = None) -> 
                     f"vitserve exited with {process.returncode}: {log.read().decode()[-2000:]}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vitserve was not ready within {STARTUP_TIMEOUT_S} s")
+                raise RuntimeError(f"vitserve was not ready within {startup_timeout_s:.0f} s")
             time.sleep(0.3)
         yield Server(port, process)
     finally:

@@ -74,18 +74,19 @@ MAX_IN_FLIGHT = 256
 SEQUENTIAL_TIMEOUT_MS = 120_000
 
 
-def _jpegs() -> dict[tuple[int, int], bytes]:
-    """Every workload size as a JPEG of the same photograph (quality 90)."""
+def photo_jpeg(width: int, height: int) -> bytes:
+    """The same photograph (scikit-image's astronaut) resized to width x height, as a quality-90 JPEG."""
     from skimage import data
 
+    buffer = io.BytesIO()
     photo = Image.fromarray(data.astronaut())
-    images = {}
-    for size_class in CLASSES:
-        for width, height in size_class.sizes:
-            buffer = io.BytesIO()
-            photo.resize((width, height), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
-            images[width, height] = buffer.getvalue()
-    return images
+    photo.resize((width, height), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _jpegs() -> dict[tuple[int, int], bytes]:
+    """Every workload size as a JPEG of the same photograph."""
+    return {size: photo_jpeg(*size) for size_class in CLASSES for size in size_class.sizes}
 
 
 def _arrivals(rate: float, seconds: float, seed: int) -> list[tuple[float, str, tuple[int, int]]]:

@@ -21,10 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.backends import eager_model, ort_session, random_batch, torch_runner
+from bench.backends import eager_model, ort_session, random_batch, session_runner, torch_runner
 from bench.machine import cores
+from export.repository import read_entry
+from service.runtimes.ort import OnnxRuntime
 
-RUNTIMES = ("onnxruntime", "onnxruntime_lean", "torch_eager")
+# onnxruntime: the benchmarks' session (bench.backends.ort_session); _lean: arena and memory
+# pattern off; _served: the service's own runtime class on the artifact's repository entry
+# (service.runtimes.ort.OnnxRuntime with its defaults: shared weights, no CPU arena), which runs
+# one warm-up call when it loads.
+RUNTIMES = ("onnxruntime", "onnxruntime_lean", "onnxruntime_served", "torch_eager")
 # ONNX Runtime's resident set keeps growing after the first call (its memory pattern and arena are
 # sized from earlier runs), so a single call understates what a serving process holds.
 CALLS = 3
@@ -67,12 +73,13 @@ def peak_rss(
 def _measure(runtime: str, model: str, size: int, threads: int, artifact: Path | None, calls: int) -> dict:
     torch.set_num_threads(threads)
     pixels = random_batch(1, size)
-    if runtime.startswith("onnxruntime"):
-        if artifact is None:
-            raise SystemExit(f"{runtime} needs --artifact PATH (an exported model.onnx)")
-        session = ort_session(artifact, threads, lean=runtime == "onnxruntime_lean")
-        feed = {session.get_inputs()[0].name: pixels}
-        run = lambda: session.run(None, feed)  # noqa: E731
+    if runtime.startswith("onnxruntime") and artifact is None:
+        raise SystemExit(f"{runtime} needs --artifact PATH (an exported model.onnx)")
+    if runtime == "onnxruntime_served":
+        served = OnnxRuntime(read_entry(artifact.parent.parent), threads)
+        run = lambda: served.run(pixels)  # noqa: E731
+    elif runtime.startswith("onnxruntime"):
+        run = session_runner(ort_session(artifact, threads, lean=runtime == "onnxruntime_lean"), pixels)
     else:
         run = torch_runner(eager_model(model), pixels)
     loaded = _max_rss_mib()
@@ -82,7 +89,8 @@ def _measure(runtime: str, model: str, size: int, threads: int, artifact: Path |
         outputs = run()
         seconds.append(round(time.perf_counter() - start, 3))
         peaks.append(round(_max_rss_mib(), 1))
-    if not all(np.isfinite(np.asarray(o)).all() for o in outputs):
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    if not all(np.isfinite(np.asarray(o)).all() for o in values):
         raise SystemExit(f"{model} at {size} produced non-finite outputs")
     return {
         "loaded_rss_mib": round(loaded, 1),

@@ -91,25 +91,43 @@ def phase_bars(rows: Sequence[Mapping[str, Any]], phases: Sequence[str], title: 
     plt.close(fig)
 
 
-def explain_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Paired bars per entry: serving vs explanation milliseconds, the ratio above the explanation."""
-    labels = [f"{r['model'].split('_patch')[0]}\n{r['bucket']}" for r in rows]
-    xs = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([x - 0.2 for x in xs], [r["serve_ms_p50"] for r in rows], 0.4, label="serve (classify)")
-    bars = ax.bar([x + 0.2 for x in xs], [r["explain_ms_p50"] for r in rows], 0.4, label="explain")
-    for bar, row in zip(bars, rows, strict=True):
+def paired_bars(
+    labels: Sequence[str],
+    pairs: Sequence[tuple[float, float]],
+    names: tuple[str, str],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> None:
+    """Two bars per label (e.g. serving vs explanation), the second's ratio to the first above it."""
+    xs = list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(labels)), 4))
+    ax.bar([x - 0.2 for x in xs], [a for a, _ in pairs], 0.4, label=names[0])
+    bars = ax.bar([x + 0.2 for x in xs], [b for _, b in pairs], 0.4, label=names[1])
+    for bar, (first, second) in zip(bars, pairs, strict=True):
         ax.annotate(
-            f"{row['explain_vs_serve']:.2f}x",
+            f"{second / first:.2f}x",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    ax.set_xticks(xs, labels)
-    ax.set_ylabel("ms per image (p50, batch 1)")
-    ax.set_title("ONNX Runtime: explanation vs serving, same entry", fontsize=10)
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def explain_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Paired bars per entry: serving vs explanation milliseconds, the ratio above the explanation."""
+    paired_bars(
+        [f"{r['model'].split('_patch')[0]}\n{r['bucket']}" for r in rows],
+        [(r["serve_ms_p50"], r["explain_ms_p50"]) for r in rows],
+        ("serve (classify)", "explain"),
+        "ms per image (p50, batch 1)",
+        "ONNX Runtime: explanation vs serving, same entry",
+        path,
+    )

@@ -12,8 +12,9 @@ aspect-ratio shapes, export/shapes.py), and every (backbone, shape) pair is a ca
 - wait: the expected queue wait from the live pending work of the entry's pool (the batches
   queued and running there, at their calibrated cost); expected_ms = wait + cost of one image.
 
-Policy "cost" (default). Candidates padded more than 15% are excluded whenever some candidate is
-not (an aspect ratio is served by the shapes of its class), then those that upscale the image by
+Policy "cost" (default). Candidates padded more than 15% are excluded whenever some candidate
+padded less keeps as much detail (an aspect ratio is served by the shapes of its class; a padded
+shape stays only where it keeps more detail than every shape of the class), then those that upscale the image by
 more than 5% whenever some candidate left does not (an image smaller than every shape of its class
 takes the least upscaling); `max_global_tokens` optionally caps the
 global backbone's tokens. The intended candidate keeps the most detail whose own cost fits the
@@ -411,16 +412,25 @@ class Router:
 
     @staticmethod
     def _exclude_padded(candidates: list[Candidate]) -> list[Candidate]:
-        """Leave out candidates padded over MAX_PADDING, unless no candidate left is padded less."""
-        if not any(c.padding <= MAX_PADDING for c in candidates if not c.excluded):
+        """Leave out each candidate padded over MAX_PADDING that a candidate padded at most MAX_PADDING
+        matches in detail: its padding would only cost compute.
+
+        A padded candidate that keeps more detail than every unpadded one stays. Otherwise a backbone
+        without a shape of the image's aspect class (a repository holding only some shapes, as while
+        `make serve` exports the rest of the ladder) would hand the image to a much smaller shape of
+        the other backbone: a 640x480 photo to ViT at 192x256 (detail 0.16) instead of Swin at 448
+        (0.49, padded 25%).
+        """
+        unpadded = [c.detail for c in candidates if not c.excluded and c.padding <= MAX_PADDING]
+        if not unpadded:
             return candidates
+        matched = round(max(unpadded), DETAIL_DECIMALS)
         return [
             dataclasses.replace(c, excluded=f"padding {c.padding:.0%} > {MAX_PADDING:.0%}")
-            if not c.excluded and c.padding > MAX_PADDING
+            if not c.excluded and c.padding > MAX_PADDING and round(c.detail, DETAIL_DECIMALS) <= matched
             else c
             for c in candidates
         ]
-        return candidates
 
     def _by_cost(
         self, candidates: list[Candidate], budget: float, full_detail: bool

@@ -93,6 +93,28 @@ def test_images_larger_than_the_smallest_shape_are_never_upscaled_beyond_5_perce
     assert (tiny.shape, tiny.detail, tiny.padding) == ((224, 224), 1.0, 0.0)
 
 
+def test_a_padded_shape_that_keeps_more_detail_than_every_shape_of_the_class_is_not_left_out():
+    """While `make serve` exports the rest of the ladders its repository holds every ViT shape but
+    Swin only at 448. A 640x480 photo then goes to Swin at 448 (detail 0.49, padded 25%) when the
+    budget allows, not to ViT at 192x256 (0.16); under a budget Swin misses it is ViT's, and with
+    Swin's whole ladder the 4:3 shape 392x532 (0.67, padded 2%) wins, so the padding bound holds."""
+    partial = RoutingConfig(
+        windowed_backbone=BackboneRoute(
+            model="swin_windowed", config="swin_tiny_patch4_window7_224", buckets=(448,)
+        )
+    )
+    router = Router(partial, costs=_costs(partial))
+    route = router.route(480, 640, budget_ms=1000)
+    vit = next(c for c in route.candidates if c.entry == "vit_global_192x256")
+    assert (route.entry, route.padding, route.degraded) == ("swin_windowed_448", 0.25, False)
+    assert route.detail > 3 * vit.detail
+    swin = next(c for c in route.candidates if c.entry == "swin_windowed_448")
+    assert router.route(480, 640, budget_ms=swin.cost_ms / 2).entry == "vit_global_192x256"
+    full = RoutingConfig.default()
+    served = Router(full, costs=_costs(full)).route(480, 640, budget_ms=1000)
+    assert (served.entry, served.padding <= MAX_PADDING) == ("swin_windowed_392x532", True)
+
+
 def test_the_most_detail_within_the_budget_is_served_cheapest_on_ties(router):
     for height, width in SIZES:
         for budget in BUDGETS_MS:
