@@ -39,7 +39,8 @@ from export.repository import ModelEntry, read_repository
 from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
 from service.settings import Settings
 
-GLOBAL_MODEL = "vit_tiny_patch16_224"
+# The default repository's global backbone (Makefile GLOBAL_MODEL): the artifact users serve at 224.
+GLOBAL_MODEL = "vit_small_patch16_224"
 WINDOWED_MODEL = "swin_tiny_patch4_window7_224"
 BATCHES = (1, 4, 8, 16, 32)
 LOADS = (16, 64)

@@ -27,6 +27,7 @@ from service.batcher import Batcher, BatcherGroup, RunBatch
 from service.calibration import MEASURED, EntryCost, measure, read_calibration, write_calibration
 from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
+from service.process_memory import release_freed_memory
 from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
 from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
@@ -238,6 +239,7 @@ class ServingState:
             self.costs[entry.name] = measure(
                 runtime.run, entry.input_shape, entry.max_batch_size, settings.calibration_max_run_s
             )
+            release_freed_memory()
         log.info("calibrated", extra={"model": entry.name, "seconds": dict(self.costs[entry.name].seconds)})
         return self.costs[entry.name]
 
