@@ -44,6 +44,7 @@ from service.api_repository import refuse_overrides
 from service.dependencies import require_ready
 from service.errors import CLIENT_CLOSED_REQUEST, to_api_error
 from service.grpc_tensors import model_infer_response, parse_model_infer
+from service.lifecycle import ModelLifecycle
 from service.settings import Settings
 from service.state import ServingState
 
@@ -188,22 +189,32 @@ class InferenceService(GRPCInferenceServiceServicer):
         return await self._answer("grpc_repository_index", context, handle)
 
     async def RepositoryModelLoad(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
-        async def handle(record: RequestRecord) -> Message:
-            state = require_ready(self.state)
-            refuse_overrides(request.parameters)
-            await state.lifecycle.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await self._answer("grpc_load_model", context, handle)
+        return await self._change_repository(
+            "grpc_load_model", request, context, ModelLifecycle.load, pb.RepositoryModelLoadResponse
+        )
 
     async def RepositoryModelUnload(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        return await self._change_repository(
+            "grpc_unload_model", request, context, ModelLifecycle.unload, pb.RepositoryModelUnloadResponse
+        )
+
+    async def _change_repository(
+        self,
+        endpoint: str,
+        request: Message,
+        context: grpc.aio.ServicerContext,
+        change: Callable[[ModelLifecycle, str], Awaitable[object]],
+        response: Callable[[], Message],
+    ) -> Message:
+        """Load or unload `request.model_name` as /v2/repository does (no parameter overrides)."""
+
         async def handle(record: RequestRecord) -> Message:
             state = require_ready(self.state)
             refuse_overrides(request.parameters)
-            await state.lifecycle.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
+            await change(state.lifecycle, request.model_name)
+            return response()
 
-        return await self._answer("grpc_unload_model", context, handle)
+        return await self._answer(endpoint, context, handle)
 
 
 def _address(settings: Settings) -> str:
