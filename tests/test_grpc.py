@@ -381,6 +381,8 @@ def test_shutdown_turns_grpc_readiness_false_and_answers_calls_in_flight(
         grpc_port=free_port(),
         shutdown_delay_s=2,
         max_queue_delay_ms=6000,
+        # A fixed batch limit: start-up calibration could pick batch 1, and no request would wait.
+        max_batch_size=8,
     )
     answers: queue.Queue = queue.Queue()
     try:
