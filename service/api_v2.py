@@ -33,7 +33,7 @@ async def live() -> dict:
 
 @router.get("/health/ready")
 async def ready(state: Annotated[ServingState, Depends(get_state)]) -> Response:
-    ok = v2_core.server_ready(state)
+    ok = state.probe_ready
     return Response(json.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json")
 
 
@@ -85,7 +85,12 @@ async def infer(
     record.route, record.model = pool, entry.backbone
     body = await read_body(request, state.settings.max_body_bytes, request_deadline)
     parsed = await state.decode(
-        pool, parse_infer, body, request.headers.get(HEADER_LENGTH), entry, v2_core.batch_limit(state, entry)
+        pool,
+        parse_infer,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        entry,
+        v2_core.max_request_rows(state, entry),
     )
     del body
     outputs = await unless_disconnected(request, v2_core.run_infer(state, entry, parsed, request_deadline))

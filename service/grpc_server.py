@@ -131,7 +131,7 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
         async def handle(record: RequestRecord) -> Message:
-            return pb.ServerReadyResponse(ready=v2_core.server_ready(self.state))
+            return pb.ServerReadyResponse(ready=self.state.probe_ready)
 
         return await self._answer("grpc_ready", context, handle)
 
@@ -174,7 +174,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             record.route, record.model = pool, entry.backbone
             deadline = self._deadline(context)
             parsed = await state.decode(
-                pool, parse_model_infer, request, entry, v2_core.batch_limit(state, entry)
+                pool, parse_model_infer, request, entry, v2_core.max_request_rows(state, entry)
             )
             outputs = await v2_core.run_infer(state, entry, parsed, deadline)
             return model_infer_response(entry, parsed, outputs)

@@ -36,12 +36,8 @@ def served_entry(state: ServingState, model: str, version: str | None = None) ->
     return entry
 
 
-def server_ready(state: ServingState) -> bool:
-    return state.probe_ready
-
-
 def model_ready(state: ServingState, entry: ModelEntry) -> bool:
-    return server_ready(state) and entry.name in state.runtimes
+    return state.probe_ready and entry.name in state.runtimes
 
 
 def model_metadata(entry: ModelEntry) -> V2ModelMetadata:
@@ -60,8 +56,9 @@ def model_metadata(entry: ModelEntry) -> V2ModelMetadata:
     )
 
 
-def batch_limit(state: ServingState, entry: ModelEntry) -> int:
-    """The most rows one infer request may carry."""
+def max_request_rows(state: ServingState, entry: ModelEntry) -> int:
+    """The most rows one infer request may carry (config.pbtxt's max_batch_size unless the settings
+    cap it); not `state.batch_limit`, the calibrated batch the batcher forms."""
     return state.settings.max_batch_size or entry.max_batch_size
 
 
