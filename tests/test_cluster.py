@@ -241,7 +241,10 @@ def test_pool_replicas_follow_pending_tokens_and_new_replicas_serve(cluster: Clu
             if replica.index not in initial and replica.index not in first_batch:
                 if batches(replica.server, cluster.entry) > 0:
                     first_batch[replica.index] = time.monotonic() - replica.ready_at
-        if len(first_batch) >= rule.max_replicas - rule.min_replicas:
+        # The scaler records a step's replica count before it scales, so the count it reached shows
+        # only at its next step, which may come after the new replicas' first batches.
+        scaled = any(o.replicas == rule.max_replicas for o in scaler.history)
+        if len(first_batch) >= rule.max_replicas - rule.min_replicas and scaled:
             break
         time.sleep(0.2)
     peak = max((o.value or 0) for o in scaler.history)
