@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from export.errors import ExportError
@@ -39,6 +40,10 @@ VERSION = "1"
 # Pixels per batch held roughly constant across buckets: 32 images at 384x384.
 PIXEL_BUDGET = 32 * 384 * 384
 MAX_BATCH_CAP = 32
+# Without a checkpoint the weights are random, drawn from this seed: every export run of a backbone
+# then writes the same weights, so each shape of it answers alike and the gateway's sessions share one
+# copy of them (service/runtimes/ort_weights.py), whichever `vitserve export` run wrote each shape.
+RANDOM_INIT_SEED = 0
 # Entry names become directory names that Triton also uses as model names: no separators, not hidden.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -119,7 +124,9 @@ def _check_request(request: ExportRequest) -> None:
 
 def _build_model(request: ExportRequest) -> nn.Module:
     try:
-        return create_model(request.model, checkpoint=request.checkpoint, **request.overrides)
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return create_model(request.model, checkpoint=request.checkpoint, **request.overrides)
     except KeyError as exc:
         raise ExportError(str(exc.args[0]) if exc.args else str(exc)) from exc
     except (ValueError, TypeError, RuntimeError, OSError) as exc:

@@ -2,10 +2,12 @@
 
 Every shape of a backbone is its own artifact (fixed spatial dims run faster in ONNX Runtime and
 Triton batches per shape), but the weights are the same tensors. `SharedWeights` reads each
-artifact's initializers once, keeps one OrtValue per distinct tensor (same name, dtype, dims and
+artifact's initializers once, keeps one OrtValue per distinct tensor content (dtype, dims and
 bytes: shape-dependent constants such as interpolated position tables or shift masks differ and
-stay per session) and hands them to each session with `SessionOptions.add_initializer`, which
-makes ONNX Runtime use that buffer instead of allocating its own. Adding a shape therefore adds
+stay per session) and hands it to each session with `SessionOptions.add_initializer`, which
+makes ONNX Runtime use that buffer instead of allocating its own. Content, not name, is the key:
+the exporter names folded constants (transposed MatMul weights, `val_1655`) by their position in
+the traced graph, so the same weight has a different name in every shape's artifact. Adding a shape therefore adds
 its activations and shape-dependent constants, not another copy of the weights.
 
 Pre-packing is disabled for the same reason: ONNX Runtime would otherwise re-lay out each shared
@@ -31,12 +33,12 @@ class SharedWeights:
     """Initializer OrtValues by content, shared by the sessions of one process."""
 
     def __init__(self) -> None:
-        self._values: dict[tuple[str, str], tuple[np.ndarray, ort.OrtValue]] = {}
+        self._values: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}
         self._lock = threading.Lock()
 
     def attach(self, artifact: Path, options: ort.SessionOptions) -> int:
-        """Register the shared copy of every large initializer of `artifact` on `options`; returns the
-        bytes this artifact reused from sessions created before it."""
+        """Register the shared copy of every large initializer of `artifact` on `options`, under the
+        name this artifact gives it; returns the bytes reused from sessions created before it."""
         model = onnx.load(str(artifact), load_external_data=True)
         reused = 0
         with self._lock:
@@ -44,7 +46,7 @@ class SharedWeights:
                 array = numpy_helper.to_array(tensor)
                 if array.nbytes < MIN_SHARED_BYTES:
                     continue
-                key = (tensor.name, _digest(array))
+                key = _digest(array)
                 if key in self._values:
                     reused += array.nbytes
                 else:
