@@ -4,15 +4,20 @@ Baseline: the served runtime itself (`service.runtimes.ort.OnnxRuntime`) on the 
 224 entry, fed preprocessed tensors, at batch 1, 4, 8, 16 and 32 with ONNX Runtime's default
 spinning ("always", the fastest raw path): its best img/s, and its batch-1 latency.
 
-Served: one `vitserve serve` process per ONNX Runtime spinning policy (`VITSERVE_ORT_SPINNING`
-off / run / always), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
+Served: one `vitserve serve` process per configuration, an ONNX Runtime spinning policy
+(`VITSERVE_ORT_SPINNING` off / run / always) with a number of lanes (`VITSERVE_ORT_LANES`: 1 runs
+one batch at a time on every thread, 2 runs two batches side by side under load), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
 pool at 224, every request decoded, routed, preprocessed, batched and post-processed:
 
 - concurrency 1: a sequential client (one keep-alive connection, one request at a time, see
   `bench.http`) timed in rounds interleaved with the raw cells, so both see the same machine load;
   headline p50 = median of the quietest round, as in every latency benchmark here (`bench.timing`).
 - concurrency 16 and 64: `hey` for `--load-seconds` per point (it shares the cores with the server,
-  so these figures include the load generator's own cost).
+  so these figures include the load generator's own cost), in `--load-rounds` rounds. Each hey run
+  directly follows a raw run at the best batch for `--raw-seconds`, and its ratio is taken against
+  that raw rate: on a shared VM the machine's speed drifts by 20% or more within minutes, which
+  comparing runs minutes apart would book against whichever configuration ran in a slow minute.
+  Headline ratio per configuration = median over rounds.
 
     .venv/bin/python -m bench.serving            # needs `hey` (apt-get install hey)
 """
@@ -24,8 +29,10 @@ import io
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 from PIL import Image
@@ -45,8 +52,17 @@ WINDOWED_MODEL = "swin_tiny_patch4_window7_224"
 BATCHES = (1, 4, 8, 16, 32)
 LOADS = (16, 64)
 POLICIES = tuple(SPINNING_CONFIG)
+LANES = (1, 2)
 RAW_POLICY = "always"
 DEFAULT_POLICY = Settings.model_fields["ort_spinning"].default
+
+
+def config_name(policy: str, lanes: int) -> str:
+    return f"{policy}/lanes{lanes}"
+
+
+# What a server without VITSERVE_ORT_* settings runs on this machine.
+DEFAULT_CONFIG = config_name(DEFAULT_POLICY, Settings().lanes())
 
 
 def photo_jpeg(size: int) -> bytes:
@@ -72,6 +88,17 @@ def global_entry(root: Path, reuse: bool) -> ModelEntry:
     return found[0]
 
 
+def raw_rate(run, batch: int, seconds: float) -> float:
+    """Images per second of back-to-back `run()` calls of `batch` images for `seconds`."""
+    run()
+    start = time.perf_counter()
+    calls = 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        run()
+        calls += 1
+    return calls * batch / elapsed
+
+
 def _raw_runner(runtime: OnnxRuntime, batch: int):
     pixels = np.ascontiguousarray(random_batch(batch, 224))
     return lambda: runtime.run(pixels)
@@ -80,15 +107,26 @@ def _raw_runner(runtime: OnnxRuntime, batch: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser, rounds=4, seconds=8.0)
-    parser.add_argument("--load-seconds", type=float, default=15, help="duration of each hey run")
+    parser.add_argument("--load-seconds", type=float, default=10, help="duration of each hey run")
+    parser.add_argument(
+        "--load-rounds", type=int, default=3, help="rounds of hey runs per configuration and load"
+    )
+    parser.add_argument("--raw-seconds", type=float, default=4, help="raw run before each hey run")
     parser.add_argument("--policies", default=",".join(POLICIES), help="spinning policies served")
+    parser.add_argument(
+        "--lanes", default=",".join(map(str, LANES)), help="lane counts served, each with every policy"
+    )
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
-    policies = tuple(args.policies.split(","))
+    configs = {
+        config_name(policy, int(lanes)): {"ort_spinning": policy, "ort_lanes": int(lanes)}
+        for policy in args.policies.split(",")
+        for lanes in args.lanes.split(",")
+    }
     machine = machine_info("bench.serving")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -102,107 +140,114 @@ def main() -> None:
         settings = {"intra_op_threads": args.threads}
         with ExitStack() as stack:
             servers = {
-                p: stack.enter_context(vitserve(repository, {**settings, "ort_spinning": p}))
-                for p in policies
+                name: stack.enter_context(vitserve(repository, {**settings, **values}))
+                for name, values in configs.items()
             }
-            clients = {p: SequentialClient(s, path, body.read_bytes()) for p, s in servers.items()}
-            cells.update({("http", p, 1): client for p, client in clients.items()})
+            clients = {
+                name: SequentialClient(server, path, body.read_bytes()) for name, server in servers.items()
+            }
+            cells.update({("http", name, 1): client for name, client in clients.items()})
             timings = time_cells(cells, TimingPlan(rounds=args.rounds, seconds=args.seconds))
             for client in clients.values():
                 client.close()
-            loads = [
-                {"path": "http", "policy": p, **hey(servers[p].url + path, body, c, args.load_seconds)}
-                for p in policies
-                for c in LOADS
-            ]
+            best = max(BATCHES, key=lambda b: timings["raw", RAW_POLICY, b].summary(b)["img_per_s"])
+            loads = []
+            for load_round in range(args.load_rounds):
+                for name, server in servers.items():
+                    for c in LOADS:
+                        raw_img_per_s = raw_rate(cells["raw", RAW_POLICY, best], best, args.raw_seconds)
+                        loaded = hey(server.url + path, body, c, args.load_seconds)
+                        loads.append(
+                            {"path": "http", "config": name, "round": load_round, **loaded}
+                            | {"raw_batch": best, "raw_img_per_s": round(raw_img_per_s, 2)}
+                            | {"over_raw": round(loaded["img_per_s"] / raw_img_per_s, 3)}
+                        )
     rows = [
-        {"path": kind, "policy": policy, "batch": batch, **timings[kind, policy, batch].summary(batch)}
-        for kind, policy, batch in cells
+        {"path": kind, "config": config, "batch": batch, **timings[kind, config, batch].summary(batch)}
+        for kind, config, batch in cells
     ] + loads
-    summary = _summary(rows, policies)
+    summary = _summary(rows, tuple(configs))
     run_settings = {
         "model": GLOBAL_MODEL,
         "bucket": 224,
         "batches": BATCHES,
         "loads": LOADS,
-        "policies": policies,
-        "default_policy": DEFAULT_POLICY,
+        "configs": configs,
+        "default_config": DEFAULT_CONFIG,
         "raw_policy": RAW_POLICY,
         "rounds": args.rounds,
         "seconds": args.seconds,
         "load_seconds": args.load_seconds,
+        "load_rounds": args.load_rounds,
+        "raw_seconds": args.raw_seconds,
         "threads": args.threads,
         "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
     }
     for written in write_results("serving", machine, run_settings, rows, summary, args.output_dir):
         print(f"wrote {written}", file=sys.stderr)
-    _plot(rows, policies, args.output_dir / "serving.png")
+    _plot(rows, tuple(configs), args.output_dir / "serving.png")
     print(summary)
 
 
-def _summary(rows: list[dict], policies: tuple[str, ...]) -> dict:
+def _summary(rows: list[dict], configs: tuple[str, ...]) -> dict:
     raw = [r for r in rows if r["path"] == "raw"]
     best = max(raw, key=lambda r: r["img_per_s"])
     single = next(r for r in raw if r["batch"] == 1)
-    per_policy = {}
-    for policy in policies:
-        alone = next(r for r in rows if r["path"] == "http" and r["policy"] == policy and r.get("batch") == 1)
-        loaded = {
-            r["concurrency"]: r
-            for r in rows
-            if r["path"] == "http" and r["policy"] == policy and "concurrency" in r
-        }
-        per_policy[policy] = {
+    per_config = {}
+    for config in configs:
+        alone = next(r for r in rows if r["path"] == "http" and r["config"] == config and r.get("batch") == 1)
+        loaded = {c: _loaded(rows, config, c) for c in LOADS}
+        per_config[config] = {
             "concurrency1_ms_p50": alone["ms_p50"],
             "concurrency1_overhead_ms": round(alone["ms_p50"] - single["ms_p50"], 2),
-            **{f"c{c}_img_per_s": loaded[c]["img_per_s"] for c in LOADS},
-            **{f"c{c}_over_raw_best": round(loaded[c]["img_per_s"] / best["img_per_s"], 3) for c in LOADS},
+            **{f"c{c}_img_per_s": round(median(r["img_per_s"] for r in loaded[c]), 2) for c in LOADS},
+            **{f"c{c}_over_raw_best": round(median(r["over_raw"] for r in loaded[c]), 3) for c in LOADS},
         }
     return {
         "raw_best": {"batch": best["batch"], "img_per_s": best["img_per_s"]},
         "raw_batch1_ms_p50": single["ms_p50"],
-        "policies": per_policy,
-        "default_policy": DEFAULT_POLICY,
+        "configs": per_config,
+        "default_config": DEFAULT_CONFIG,
         "noise": noise([r for r in rows if "round_spread" in r]),
         "budgets": {"throughput_over_raw_best": 0.9, "concurrency1_overhead_ms": 2.0},
     }
 
 
-def _plot(rows: list[dict], policies: tuple[str, ...], path: Path) -> None:
+def _loaded(rows: list[dict], config: str, concurrency: int) -> list[dict]:
+    return [r for r in rows if r.get("config") == config and r.get("concurrency") == concurrency]
+
+
+def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
     from bench.plots import plt
 
     fig, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 4.8))
     raw = [r for r in rows if r["path"] == "raw"]
-    labels = [f"raw\nbatch {r['batch']}" for r in raw]
-    values = [r["img_per_s"] for r in raw]
-    colors = ["tab:gray"] * len(raw)
-    for index, policy in enumerate(policies):
-        for r in rows:
-            if r["path"] == "http" and r["policy"] == policy and "concurrency" in r:
-                labels.append(f"HTTP c{r['concurrency']}\n{policy}")
-                values.append(r["img_per_s"])
-                colors.append(f"C{index}")
+    labels, values, colors = [], [], []
+    for index, config in enumerate(configs):
+        for c in LOADS:
+            labels.append(f"c{c}\n{config}")
+            values.append(median(r["over_raw"] for r in _loaded(rows, config, c)))
+            colors.append(f"C{index}")
     bars = throughput.bar(range(len(values)), values, color=colors)
     for bar, value in zip(bars, values, strict=True):
         throughput.annotate(
-            f"{value:.0f}",
+            f"{value:.2f}",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
             fontsize=7,
         )
-    best = max(r["img_per_s"] for r in raw)
-    throughput.axhline(0.9 * best, color="tab:red", linestyle="--", linewidth=1, label="0.9x raw best")
+    throughput.axhline(0.9, color="tab:red", linestyle="--", linewidth=1, label="budget 0.9")
     throughput.set_xticks(range(len(values)), labels, fontsize=7)
-    throughput.set_ylabel("images / s")
+    throughput.set_ylabel("HTTP img/s / raw best batch img/s just before (median of rounds)")
     throughput.legend(fontsize=8)
     single = next(r for r in raw if r["batch"] == 1)
-    names = ["raw batch 1", *(f"HTTP c1\n{p}" for p in policies)]
+    names = ["raw batch 1", *(f"HTTP c1\n{p}" for p in configs)]
     alone = [single["ms_p50"]] + [
-        next(r["ms_p50"] for r in rows if r["path"] == "http" and r["policy"] == p and r.get("batch") == 1)
-        for p in policies
+        next(r["ms_p50"] for r in rows if r["path"] == "http" and r["config"] == p and r.get("batch") == 1)
+        for p in configs
     ]
-    bars = latency.bar(range(len(alone)), alone, color=["tab:gray", *(f"C{i}" for i in range(len(policies)))])
+    bars = latency.bar(range(len(alone)), alone, color=["tab:gray", *(f"C{i}" for i in range(len(configs)))])
     for bar, value in zip(bars, alone, strict=True):
         latency.annotate(
             f"{value:.1f}",
@@ -216,7 +261,7 @@ def _plot(rows: list[dict], policies: tuple[str, ...], path: Path) -> None:
     latency.set_ylabel("ms p50 (quietest round)")
     latency.legend(fontsize=8)
     fig.suptitle(
-        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy (one run)",
+        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy and lanes (one run)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -31,7 +31,7 @@ from export.errors import ExportError
 from export.repository import ModelEntry, read_entry
 from service.errors import APIError
 from service.metrics import PREFIX
-from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
+from service.runtimes import Runtime, RuntimeUnavailable
 
 if TYPE_CHECKING:
     from service.state import ServingState
@@ -201,9 +201,7 @@ class ModelLifecycle:
         """Executor side: load the runtime and check one smoke inference's outputs."""
         settings = self.state.settings
         kind = settings.runtime_for(entry.name, entry.backbone)
-        runtime = load_runtime(
-            kind, entry, settings.threads(), settings, self.state.pool_of(entry), self.state.endpoints
-        )
+        runtime = self.state.load_runtime(kind, entry, settings.threads())
         outputs = runtime.run(np.zeros((1, *entry.input_shape), np.float32))
         config = entry.config
         expected = {"logits": config.num_classes or config.num_features, "embedding": config.num_features}

@@ -103,6 +103,12 @@ class Metrics:
             "Requests served at less detail than their budget allowed on idle queues, because of load.",
             ("pool",),
         )
+        self.batches_beside = counter(
+            "batches_beside_total",
+            "Local batches that started while another batch of their pool ran, on a share of the "
+            "threads (VITSERVE_ORT_LANES).",
+            ("pool",),
+        )
         self.queue_depth = gauge(
             "queue_depth", "Requests waiting for their batch to start.", ("pool", "model")
         )
