@@ -44,7 +44,9 @@ def _outputs(entry: ModelEntry, store: SharedWeights | None, image: np.ndarray) 
     if store is not None:
         options.add_session_config_entry("session.disable_prepacking", "1")
         store.attach(artifact, options)
-    return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"]).run(None, {entry.input_name: image})
+    return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"]).run(
+        None, {entry.input_name: image}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,9 @@ def test_windowed_shapes_share_weights_stored_under_different_names(photo_reposi
         for name, (digest, _) in large_tensors.items()
         if any(d == digest and n != name for n, (d, _) in small_tensors.items())
     }
-    assert renamed, "the exporter named every weight alike in both shapes; this test no longer covers renaming"
+    assert renamed, (
+        "the exporter named every weight alike in both shapes; this test no longer covers renaming"
+    )
 
     store = SharedWeights()
     assert store.attach(small, ort.SessionOptions()) == 0
@@ -85,7 +89,9 @@ def test_separate_export_runs_of_a_backbone_write_the_same_weights(
     second_tensors = _large_initializers(second)
     missing = [name for name, (digest, _) in second_tensors.items() if digest not in first_digests]
     # Shape-dependent constants (e.g. a position table interpolated in the graph) may differ; weights may not.
-    assert sum(second_tensors[n][1] for n in missing) <= 0.1 * sum(s for _, s in second_tensors.values()), missing
+    assert sum(second_tensors[n][1] for n in missing) <= 0.1 * sum(s for _, s in second_tensors.values()), (
+        missing
+    )
 
     store = SharedWeights()
     store.attach(first, ort.SessionOptions())
@@ -98,5 +104,7 @@ def test_sessions_on_shared_weights_compute_what_private_sessions_compute(photo_
     for entry in ("swin_windowed_448", "swin_windowed_896", "vit_global_224", "vit_global_192x256"):
         served = read_entry(photo_repository / entry)
         image = rng.standard_normal((1, *served.input_shape), dtype=np.float32)
-        for shared, private in zip(_outputs(served, store, image), _outputs(served, None, image), strict=True):
+        for shared, private in zip(
+            _outputs(served, store, image), _outputs(served, None, image), strict=True
+        ):
             np.testing.assert_allclose(shared, private, rtol=1e-5, atol=1e-5, err_msg=entry)
