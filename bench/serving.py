@@ -4,9 +4,8 @@ Baseline: the served runtime itself (`service.runtimes.ort.OnnxRuntime`) on the 
 224 entry, fed preprocessed tensors, at batch 1, 4, 8, 16 and 32 with ONNX Runtime's default
 spinning ("always", the fastest raw path): its best img/s, and its batch-1 latency.
 
-Served: one `vitserve serve` process per configuration, an ONNX Runtime spinning policy
-(`VITSERVE_ORT_SPINNING` off / run / always) with a number of lanes (`VITSERVE_ORT_LANES`: 1 runs
-one batch at a time on every thread, 2 runs two batches side by side under load), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
+Served: one `vitserve serve` process per ONNX Runtime spinning policy (`VITSERVE_ORT_SPINNING`
+idle / off / run / always), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
 pool at 224, every request decoded, routed, preprocessed, batched and post-processed:
 
 - concurrency 1: a sequential client (one keep-alive connection, one request at a time, see
@@ -33,6 +32,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
+from typing import get_args
 
 import numpy as np
 from PIL import Image
@@ -43,26 +43,17 @@ from bench.machine import machine_info
 from bench.results import write_results
 from bench.timing import TimingPlan, add_run_arguments, noise, time_cells
 from export.repository import ModelEntry, read_repository
-from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
-from service.settings import Settings
+from service.runtimes.ort import OnnxRuntime
+from service.settings import Settings, SpinningPolicy
 
 # The default repository's global backbone (Makefile GLOBAL_MODEL): the artifact users serve at 224.
 GLOBAL_MODEL = "vit_small_patch16_224"
 WINDOWED_MODEL = "swin_tiny_patch4_window7_224"
 BATCHES = (1, 4, 8, 16, 32)
 LOADS = (16, 64)
-POLICIES = tuple(SPINNING_CONFIG)
-LANES = (1, 2)
+POLICIES = get_args(SpinningPolicy)
 RAW_POLICY = "always"
 DEFAULT_POLICY = Settings.model_fields["ort_spinning"].default
-
-
-def config_name(policy: str, lanes: int) -> str:
-    return f"{policy}/lanes{lanes}"
-
-
-# What a server without VITSERVE_ORT_* settings runs on this machine.
-DEFAULT_CONFIG = config_name(DEFAULT_POLICY, Settings().lanes())
 
 
 def photo_jpeg(size: int) -> bytes:
@@ -114,19 +105,12 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=4, help="raw run before each hey run")
     parser.add_argument("--policies", default=",".join(POLICIES), help="spinning policies served")
     parser.add_argument(
-        "--lanes", default=",".join(map(str, LANES)), help="lane counts served, each with every policy"
-    )
-    parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
-    configs = {
-        config_name(policy, int(lanes)): {"ort_spinning": policy, "ort_lanes": int(lanes)}
-        for policy in args.policies.split(",")
-        for lanes in args.lanes.split(",")
-    }
+    configs = {policy: {"ort_spinning": policy} for policy in args.policies.split(",")}
     machine = machine_info("bench.serving")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -173,7 +157,7 @@ def main() -> None:
         "batches": BATCHES,
         "loads": LOADS,
         "configs": configs,
-        "default_config": DEFAULT_CONFIG,
+        "default_policy": DEFAULT_POLICY,
         "raw_policy": RAW_POLICY,
         "rounds": args.rounds,
         "seconds": args.seconds,
@@ -207,7 +191,7 @@ def _summary(rows: list[dict], configs: tuple[str, ...]) -> dict:
         "raw_best": {"batch": best["batch"], "img_per_s": best["img_per_s"]},
         "raw_batch1_ms_p50": single["ms_p50"],
         "configs": per_config,
-        "default_config": DEFAULT_CONFIG,
+        "default_policy": DEFAULT_POLICY,
         "noise": noise([r for r in rows if "round_spread" in r]),
         "budgets": {"throughput_over_raw_best": 0.9, "concurrency1_overhead_ms": 2.0},
     }
@@ -261,7 +245,7 @@ def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
     latency.set_ylabel("ms p50 (quietest round)")
     latency.legend(fontsize=8)
     fig.suptitle(
-        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy and lanes (one run)",
+        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy (one run)",
         fontsize=10,
     )
     fig.tight_layout()

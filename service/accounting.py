@@ -66,7 +66,7 @@ class Accounting:
                 status = message["status"]
             await send(message)
 
-        inflight = self.metrics.inflight_requests
+        inflight = self.metrics.inflight
         inflight.inc()
         try:
             await self.app(scope, receive, send_status)

@@ -101,7 +101,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         metrics = self.state.metrics
         record = RequestRecord()
         status = 200
-        metrics.inflight_requests.inc()
+        metrics.inflight.inc()
         try:
             return await handle(record)
         except asyncio.CancelledError:
@@ -111,7 +111,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             error = to_api_error(exc)
             status = error.status
         finally:
-            metrics.inflight_requests.dec()
+            metrics.inflight.dec()
             record_response(metrics, endpoint, record, status)
         trailing = (("vitserve-code", error.code), *((k.lower(), v) for k, v in error.headers.items()))
         await context.abort(GRPC_CODES.get(status, Code.INTERNAL), error.message, trailing_metadata=trailing)

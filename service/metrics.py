@@ -57,6 +57,23 @@ class BudgetSource(Protocol):
     used: int
 
 
+class Inflight:
+    """Requests (HTTP and gRPC) being served now. Moved on the event loop; read by the
+    inflight_requests gauge and by ONNX Runtime's idle spinning policy from batch threads."""
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def inc(self) -> None:
+        self._count += 1
+
+    def dec(self) -> None:
+        self._count -= 1
+
+    def count(self) -> int:
+        return self._count
+
+
 class Metrics:
     """All vitserve metrics in one registry; `render()` serves them on /metrics."""
 
@@ -103,12 +120,6 @@ class Metrics:
             "Requests served at less detail than their budget allowed on idle queues, because of load.",
             ("pool",),
         )
-        self.batches_beside = counter(
-            "batches_beside_total",
-            "Local batches that started while another batch of their pool ran, on a share of the "
-            "threads (VITSERVE_ORT_LANES).",
-            ("pool",),
-        )
         self.queue_depth = gauge(
             "queue_depth", "Requests waiting for their batch to start.", ("pool", "model")
         )
@@ -121,7 +132,9 @@ class Metrics:
             "queue_bytes", "Bytes of preprocessed images held by admitted, unanswered requests.", ("pool",)
         )
         self.decoding = gauge("decoding", "Images being decoded right now.", ("pool",))
-        self.inflight_requests = gauge("inflight_requests", "HTTP requests being served right now.")
+        self.inflight = Inflight()
+        self.inflight_requests = gauge("inflight_requests", "HTTP and gRPC requests being served right now.")
+        self.inflight_requests.set_function(self.inflight.count)
         self.model_ready = gauge("model_ready", "1 when the model is loaded and can serve.", ("model",))
 
     def track_queue(self, source: QueueSource) -> None:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RuntimeKind = Literal["onnxruntime", "torch", "triton"]
-SpinningPolicy = Literal["off", "run", "always"]
+SpinningPolicy = Literal["idle", "off", "run", "always"]
 
 
 class Settings(BaseSettings):
@@ -104,16 +104,10 @@ class Settings(BaseSettings):
         "off", description="torch.compile the torch runtime's models; cuda-graphs also captures CUDA graphs."
     )
     ort_spinning: SpinningPolicy = Field(
-        "off",
-        description="ONNX Runtime intra-op threads: off (never spin), run (spin between operators only "
-        "while a batch runs), always (also between batches, starving decoding under load).",
-    )
-    ort_lanes: int = Field(
-        0,
-        ge=0,
-        description="Batches a pool's local ONNX Runtime entries run at once under load, each beside the "
-        "others on intra_op_threads / lanes threads (a lone batch still takes them all); 0 = one per "
-        "core, 1 = one batch at a time.",
+        "idle",
+        description="ONNX Runtime intra-op threads: idle (spin only while a batch is all the work in "
+        "flight), off (never spin), run (spin between operators only while a batch runs), always (also "
+        "between batches, starving decoding under load).",
     )
     ort_share_weights: bool = Field(
         True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
@@ -176,10 +170,6 @@ class Settings(BaseSettings):
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
-
-    def lanes(self) -> int:
-        """Local batches a pool runs at once: ort_lanes (or one per core), at most one per thread."""
-        return max(1, min(self.ort_lanes or os.cpu_count() or 1, self.threads()))
 
     def decoders(self) -> int:
         return self.decode_threads or os.cpu_count() or 1

@@ -31,7 +31,6 @@ from service.process_memory import release_freed_memory
 from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
 from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
-from service.runtimes.lanes import PoolLanes
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.state")
@@ -57,8 +56,6 @@ class ServingState:
     draining: bool = False
     decode_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
     inference_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
-    # The batches each pool's local entries run now (service/runtimes/lanes.py).
-    core_lanes: dict[str, PoolLanes] = field(default_factory=dict)
     drain_timed_out: bool = False
     _drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
     endpoints: EndpointRegistry | None = None
@@ -224,15 +221,12 @@ class ServingState:
         return batcher
 
     def load_runtime(self, kind: str, entry: ModelEntry, threads: int) -> Runtime:
-        """Load `entry`'s runtime with its pool's shared endpoints and lanes. Blocking: call it from a
-        worker thread."""
+        """Load `entry`'s runtime with its pool's shared endpoints and the process's request count
+        (idle spinning). Blocking: call it from a worker thread."""
         pool = self.pool_of(entry)
-        if pool not in self.core_lanes:
-            self.core_lanes[pool] = PoolLanes(
-                self.settings.lanes(), self.metrics.batches_beside.labels(pool).inc
-            )
-        lanes = self.core_lanes[pool]
-        return load_runtime(kind, entry, threads, self.settings, pool, self.endpoints, lanes)
+        return load_runtime(
+            kind, entry, threads, self.settings, pool, self.endpoints, self.metrics.inflight.count
+        )
 
     def _remote_capacity(self, name: str, runtime: Runtime) -> Callable[[], int] | None:
         if getattr(runtime, "endpoints", None) is None:
@@ -272,24 +266,16 @@ class ServingState:
             cost = self.costs.get(batcher.model)
             items = batcher.pending_tokens // batcher.tokens_per_item
             if cost is not None and items:
-                entry = self.entries[batcher.model]
-                overlap = self._concurrency(entry) if self._remote(entry) else 1
-                waits[batcher.pool] += cost.work_seconds(items, batcher.rows) / overlap
+                waits[batcher.pool] += cost.work_seconds(items, batcher.rows) / self._concurrency(
+                    self.entries[batcher.model]
+                )
         return waits
-
-    def _remote(self, entry: ModelEntry) -> bool:
-        return self.settings.runtime_for(entry.name, entry.backbone) == "triton"
 
     def _concurrency(self, entry: ModelEntry) -> int:
         """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
-        `endpoints.capacity()`), below this ceiling. Local ONNX Runtime entries run up to `lanes`
-        batches of their pool side by side on a share of the threads each, no faster in all than one
-        batch on all of them when the cores are free: their waits are not divided (pool_waits)."""
-        if self._remote(entry):
-            return self.settings.max_remote_batches
-        if self.settings.runtime_for(entry.name, entry.backbone) == "onnxruntime":
-            return self.settings.lanes()
-        return 1
+        `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""
+        remote = self.settings.runtime_for(entry.name, entry.backbone) == "triton"
+        return self.settings.max_remote_batches if remote else 1
 
     def _executor(self, pool: str, concurrency: int) -> ThreadPoolExecutor:
         """Batch threads shared per (pool, concurrency): local buckets of a pool take turns on the cores

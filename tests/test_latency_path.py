@@ -3,7 +3,9 @@
 - Every FastAPI dependency of the inference routes is a coroutine function: FastAPI runs a sync
   dependency in the threadpool, one thread hop (and a wake-up of the event loop) per request.
 - The ONNX Runtime spinning policy reaches the session: "run" spins between operators but stops at
-  the end of every run, "off" never spins, "always" keeps ONNX Runtime's default.
+  the end of every run, "off" never spins, "always" keeps ONNX Runtime's default, and "idle" (the
+  default) runs a batch that is all the work in flight on a spinning session and any other batch on
+  a non-spinning one, built the first time it is needed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -21,6 +25,7 @@ from export import read_repository
 from service import api_repository, api_v1, api_v2
 from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
 from service.settings import Settings
+from support.server import wait_until
 
 ROUTERS = (api_v1.router, api_v2.router, api_repository.router)
 ROUTES = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
@@ -62,10 +67,35 @@ def test_spinning_policy_reaches_the_session(photo_repository: Path, policy: str
             read("session.force_spinning_stop")
 
 
+def _spins(session: ort.InferenceSession) -> bool:
+    return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_idle_spinning_spins_only_for_a_batch_that_is_all_the_work_in_flight(photo_repository: Path) -> None:
+    entry = min(read_repository(photo_repository), key=lambda e: e.tokens)
+    in_flight = [1]
+    runtime = OnnxRuntime(entry, threads=2, spinning="idle", demand=lambda: in_flight[0])
+    assert _spins(runtime.session)
+    image = np.random.default_rng(0).standard_normal((2, *entry.input_shape), dtype=np.float32)
+    in_flight[0] = 2
+    alone = runtime.run(image)
+    assert runtime.busy_session is None, "a batch holding every request in flight asked for the busy session"
+
+    in_flight[0] = 3
+    runtime.run(image)
+    wait_until(lambda: runtime.busy_session is not None, "the non-spinning session to be built", timeout=120)
+    assert not _spins(runtime.busy_session)
+    beside = runtime.run(image)
+    for role in ("logits", "embedding"):
+        np.testing.assert_allclose(beside[role], alone[role], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="demand"):
+        OnnxRuntime(entry, threads=2, spinning="idle")
+
+
 def test_spinning_policy_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().ort_spinning == "off"
+    assert Settings().ort_spinning == "idle"
     monkeypatch.setenv("VITSERVE_ORT_SPINNING", "always")
     assert Settings().ort_spinning == "always"
     monkeypatch.setenv("VITSERVE_ORT_SPINNING", "true")
-    with pytest.raises(ValidationError, match="'off', 'run' or 'always'"):
+    with pytest.raises(ValidationError, match="'idle', 'off', 'run' or 'always'"):
         Settings()

@@ -18,7 +18,6 @@ DESIGNED = {
     "vitserve_requests": ("counter", {"endpoint", "route", "model", "status"}),
     "vitserve_route_decisions": ("counter", {"route", "bucket"}),
     "vitserve_route_degraded": ("counter", {"pool"}),
-    "vitserve_batches_beside": ("counter", {"pool"}),
     "vitserve_queue_depth": ("gauge", {"pool", "model"}),
     "vitserve_pending_tokens": ("gauge", {"pool"}),
     "vitserve_queue_bytes": ("gauge", {"pool"}),
@@ -69,11 +68,10 @@ def exercise(metrics: Metrics) -> None:
     metrics.requests.labels("classify", "global", "vit", "200").inc()
     metrics.route_decisions.labels("global", "224").inc()
     metrics.route_degraded.labels("windowed").inc()
-    metrics.batches_beside.labels("global").inc()
     metrics.track_queue(Queue("global", "vit", 3, 588))
     metrics.track_budget(Budget("global", 1806336))
     metrics.decoding.labels("windowed").inc()
-    metrics.inflight_requests.inc()
+    metrics.inflight.inc()
     metrics.model_ready.labels("vit").set(1)
 
 

@@ -16,6 +16,7 @@ Selection, per entry (settings, env VITSERVE_*):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, get_args
 
 import numpy as np
@@ -25,7 +26,6 @@ from service.settings import RuntimeKind, Settings
 
 if TYPE_CHECKING:
     from service.runtimes.endpoints import EndpointRegistry
-    from service.runtimes.lanes import PoolLanes
 
 RUNTIMES = get_args(RuntimeKind)
 
@@ -60,14 +60,14 @@ def load_runtime(
     settings: Settings | None = None,
     pool: str = "",
     endpoints: EndpointRegistry | None = None,
-    lanes: PoolLanes | None = None,
+    demand: Callable[[], int] | None = None,
 ) -> Runtime:
     """Instantiate and warm up the runtime `kind` for `entry`.
 
     torch reads its VITSERVE_TORCH_* options from `settings`; triton finds its address in
     `settings.triton_urls` under the entry's name, its backbone or its `pool`, in that order, and
     shares the endpoints of that address with the pool's other entries through `endpoints`;
-    onnxruntime runs beside the pool's other local batches through its `lanes` (see lanes).
+    onnxruntime's "idle" spinning policy reads the requests in flight from `demand` (see ort).
     """
     settings = settings or Settings()
     if kind == "onnxruntime":
@@ -79,7 +79,7 @@ def load_runtime(
             spinning=settings.ort_spinning,
             share_weights=settings.ort_share_weights,
             cpu_arena=settings.ort_cpu_arena,
-            lanes=lanes,
+            demand=demand,
         )
     if kind == "torch":
         from service.runtimes.torch_runtime import TorchOptions, TorchRuntime

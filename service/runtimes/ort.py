@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from export.repository import ModelEntry
-from service.runtimes.lanes import PoolLanes
 from service.runtimes.ort_weights import SharedWeights
 from service.settings import SpinningPolicy
 
@@ -35,14 +35,14 @@ SHARED_WEIGHTS = SharedWeights()
 # - "off": block at once. Every operator of a run then pays a thread wake-up, which adds up
 #   to milliseconds per batch-1 run of a small model.
 # - "run": spin, for at most SPIN_DURATION_US between operators, only while a run executes; at the
-#   end of each run the workers stop spinning (force_spinning_stop). Inside a run the workers
-#   would idle anyway between operators, while between runs the cores belong to the decode and
-#   preprocess threads of the next requests. Spinning happens only while the session holds the
-#   cores. In bench.serving on the shared 2-core machine (other jobs runnable) `off` answered
-#   fastest, `run` second, `always` last, so `off` stays the default until a quiet run says otherwise.
+#   end of each run the workers stop spinning (force_spinning_stop).
 # - "always": ONNX Runtime's default: workers also keep spinning after a run returns, which is
-#   fastest for back-to-back runs in an otherwise idle process and starves the gateway's other
-#   threads under load.
+#   fastest for back-to-back runs in an otherwise idle process and takes CPU from the gateway's
+#   decode and HTTP threads under load.
+# - "idle" (the default): "always" while the batch is all the work the process has (no request is
+#   in flight beside the batch's rows), "off" otherwise: each entry then has a second, non-spinning
+#   session, built the first time a batch runs beside other work. bench.serving measured `always`
+#   fastest at concurrency 1 and `off` fastest under load (README "Benchmarks").
 SPIN_DURATION_US = 200
 SPINNING_CONFIG: dict[str, dict[str, str]] = {
     "off": {"session.intra_op.allow_spinning": "0"},
@@ -53,6 +53,8 @@ SPINNING_CONFIG: dict[str, dict[str, str]] = {
     },
     "always": {"session.intra_op.allow_spinning": "1"},
 }
+# "idle": the session that runs lone batches, and the one that runs batches beside other work.
+IDLE_SPINNING, BUSY_SPINNING = "always", "off"
 
 
 def available_providers() -> list[str]:
@@ -61,12 +63,13 @@ def available_providers() -> list[str]:
 
 
 class OnnxRuntime:
-    """One InferenceSession per repository entry, and a narrow one for running beside other batches.
+    """One InferenceSession per repository entry (two with the "idle" spinning policy).
 
-    With `lanes` (the pool's PoolLanes, CPU only), a batch that starts while another batch of the pool
-    runs uses a session of threads / lanes intra-op threads (service/runtimes/lanes.py). That session
-    is built the first time it is needed, in the background (the batch that asked runs on the wide
-    session meanwhile), so entries that never see concurrent load hold only one session.
+    With "idle", `demand()` is the number of requests the process is serving now: a batch whose rows
+    are all of them runs on the spinning session; one that runs while other requests are decoded,
+    queued or computed runs on a session that never spins, built in the background the first time
+    it is needed (the batch that asked runs on the spinning one meanwhile), so an entry that never
+    sees concurrent load holds one session.
     """
 
     def __init__(
@@ -77,28 +80,28 @@ class OnnxRuntime:
         *,
         share_weights: bool = True,
         cpu_arena: bool = False,
-        lanes: PoolLanes | None = None,
+        demand: Callable[[], int] | None = None,
     ):
+        if spinning == "idle" and demand is None:
+            raise ValueError("the idle spinning policy needs demand(), the requests in flight")
         self.entry = entry
-        self._spinning, self._share_weights, self._cpu_arena = spinning, share_weights, cpu_arena
-        self.session = self._session(threads)
-        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
-        self._lanes = lanes if on_cpu and lanes is not None and lanes.lanes > 1 else None
-        self._narrow_threads = max(1, threads // lanes.lanes) if self._lanes is not None else threads
-        self._narrow: ort.InferenceSession | None = None
-        self._narrow_started = False
-        self._narrow_lock = threading.Lock()
+        self._threads, self._share_weights, self._cpu_arena = threads, share_weights, cpu_arena
+        self._demand = demand if spinning == "idle" else None
+        self.session = self._session(IDLE_SPINNING if spinning == "idle" else spinning)
+        self._busy: ort.InferenceSession | None = None
+        self._busy_started = False
+        self._busy_lock = threading.Lock()
         self._input = entry.input_name
         self._outputs = [entry.logits_name, entry.embedding_name]
         self._run(self.session, np.zeros((1, *entry.input_shape), dtype=np.float32))
 
-    def _session(self, threads: int) -> ort.InferenceSession:
+    def _session(self, spinning: str) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        for key, value in SPINNING_CONFIG[self._spinning].items():
+        for key, value in SPINNING_CONFIG[spinning].items():
             options.add_session_config_entry(key, value)
         options.enable_cpu_mem_arena = self._cpu_arena
         if self._share_weights:
@@ -107,42 +110,37 @@ class OnnxRuntime:
         return ort.InferenceSession(str(self.entry.artifact), options, providers=available_providers())
 
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
-        if self._lanes is None:
-            return self._run(self.session, batch)
-        with self._lanes.batch() as alone:
-            session = self.session if alone else self._narrow_session()
-            return self._run(session, batch)
+        busy = self._demand is not None and self._demand() > len(batch)
+        return self._run(self._busy_session() if busy else self.session, batch)
 
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
         logits, embedding = session.run(self._outputs, {self._input: batch})
         return {"logits": logits, "embedding": embedding}
 
-    def _narrow_session(self) -> ort.InferenceSession:
-        """The narrow session once built; until then the wide one, after starting the build once."""
-        with self._narrow_lock:
-            if self._narrow is None and not self._narrow_started:
-                self._narrow_started = True
-                threading.Thread(
-                    target=self._build_narrow, name=f"narrow-{self.entry.name}", daemon=True
-                ).start()
-        return self._narrow or self.session
+    def _busy_session(self) -> ort.InferenceSession:
+        """The non-spinning session once built; until then the spinning one, after starting the build."""
+        with self._busy_lock:
+            if self._busy is None and not self._busy_started:
+                self._busy_started = True
+                threading.Thread(target=self._build_busy, name=f"busy-{self.entry.name}", daemon=True).start()
+        return self._busy or self.session
 
-    def _build_narrow(self) -> None:
+    def _build_busy(self) -> None:
         try:
-            session = self._session(self._narrow_threads)
+            session = self._session(BUSY_SPINNING)
             self._run(session, np.zeros((1, *self.entry.input_shape), dtype=np.float32))
         except Exception as exc:
             log.warning(
-                "narrow session failed; batches keep the wide one",
+                "non-spinning session failed; every batch keeps the spinning one",
                 extra={"model": self.entry.name, "reason": repr(exc)},
             )
             return
-        self._narrow = session
+        self._busy = session
 
     @property
-    def narrow_ready(self) -> bool:
-        """Whether batches beside others run on the narrow session yet."""
-        return self._narrow is not None
+    def busy_session(self) -> ort.InferenceSession | None:
+        """The non-spinning session batches beside other work run on ("idle" policy), once built."""
+        return self._busy
 
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
