@@ -13,9 +13,9 @@ Three measurements, each on servers started by `bench.http.vitserve` and read fr
   the same repository with a small `VITSERVE_MAX_QUEUE_BYTES`, `--clients` threads posting large
   JPEGs with `detail=full` and a long deadline for `--flood-seconds`. It passes when 429s appear
   and the peak stays under the bound of deploy/README.md "Memory limits", here for a gateway that
-  runs its pools in-process: idle RSS + the flood entry's non-spinning session (ONNX Runtime's
-  "idle" spinning policy builds it when requests first overlap; measured after two concurrent
-  requests) + pools x MAX_QUEUE_BYTES + decode in flight (pools x decode threads x MAX_PIXELS x 3
+  runs its pools in-process: idle RSS + what the server keeps after its first two overlapping
+  requests (the flood entry's non-spinning session, which ONNX Runtime's "idle" spinning policy
+  builds then, and the heap glibc keeps from their batches) + pools x MAX_QUEUE_BYTES + decode in flight (pools x decode threads x MAX_PIXELS x 3
   bytes) + the activations of one batch at the flood's shape (the peak one such request adds to the
   idle server, measured first, times the entry's batch limit).
 
@@ -109,9 +109,10 @@ def _one_request(server: Server, body: bytes) -> dict:
     }
 
 
-def _busy_session(server: Server, body: bytes, idle_mib: float) -> float:
-    """MiB the entry's non-spinning session adds (ONNX Runtime's "idle" spinning policy builds it the
-    first time a batch runs beside other requests): two concurrent requests, then RSS once settled."""
+def _after_overlap(server: Server, body: bytes, idle_mib: float) -> float:
+    """MiB the server keeps, once settled, after its first two overlapping requests: the entry's
+    non-spinning session (ONNX Runtime's "idle" spinning policy builds it the first time a batch runs
+    beside other requests) and the heap glibc keeps from their batches."""
     threads = [
         threading.Thread(target=_post, args=(server, "/v1/classify?detail=full", body)) for _ in range(2)
     ]
@@ -222,13 +223,13 @@ def measure_flood(
     with vitserve(repository, settings, STARTUP_TIMEOUT_S) as server:
         idle = _idle(server)
         one = _one_request(server, body)
-        busy_mib = _busy_session(server, body, idle["idle_VmRSS_mib"])
+        overlap_mib = _after_overlap(server, body, idle["idle_VmRSS_mib"])
         batch_limit = _batch_limits(server)[one["entry"]]
         statuses, largest = _flood(server, body, clients, seconds)
         peak = status_mib(server.process.pid)["VmHWM"]
     decode_mib = POOLS * defaults.decoders() * defaults.max_pixels * 3 / MIB
     activations_mib = max(0.0, one["peak_VmHWM_mib"] - idle["idle_VmRSS_mib"]) * batch_limit
-    bound = idle["idle_VmRSS_mib"] + busy_mib + POOLS * budget_mib + decode_mib + activations_mib
+    bound = idle["idle_VmRSS_mib"] + overlap_mib + POOLS * budget_mib + decode_mib + activations_mib
     return {
         "measurement": "flood",
         "image": f"{size[0]}x{size[1]} JPEG ({len(body)} bytes), detail=full",
@@ -246,7 +247,7 @@ def measure_flood(
         "bound_mib": round(bound, 1),
         "bound_terms_mib": {
             "idle": idle["idle_VmRSS_mib"],
-            "busy_session": round(busy_mib, 1),
+            "kept_after_overlap": round(overlap_mib, 1),
             "queue_budget": POOLS * budget_mib,
             "decode_in_flight": round(decode_mib, 1),
             "activations": round(activations_mib, 1),

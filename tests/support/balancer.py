@@ -81,7 +81,8 @@ class Balancer:
             handlers = asyncio.all_tasks() - {asyncio.current_task()}
             for writer in self._writers:
                 writer.close()
-            await asyncio.wait(handlers, timeout=CONNECT_TIMEOUT_S)
+            if handlers:  # none left when every client had already hung up
+                await asyncio.wait(handlers, timeout=CONNECT_TIMEOUT_S)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(CONNECT_TIMEOUT_S)
         self._loop.call_soon_threadsafe(self._loop.stop)
