@@ -2,7 +2,8 @@
 
 Every artifact goes through `export.export_model` (which verifies it against PyTorch) and is read
 back with `export.read_repository`, so the benchmarks measure exactly what the service would load.
-Models are built after `torch.manual_seed(seed)`, so eager and exported variants share weights.
+Eager models are built as the export builds them (`export.pipeline.seeded_model`), so eager and
+exported variants share weights.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from bench.timing import Runner
 from export import ExportRequest, ModelEntry, export_model, read_repository
 from export.onnx_export import export_onnx
+from export.pipeline import seeded_model
 from export.shapes import ShapeSpec, as_shape, shape_name
-from models import create_model
 
 SEED = 0
 
@@ -34,7 +35,6 @@ def export_entry(
     """Export `model` at `bucket` (a side or (height, width)) into `repository` and return the entry
     as the service reads it."""
     name = f"{model}-{artifact_format}-{precision}"
-    torch.manual_seed(SEED)
     request = ExportRequest(
         model=model,
         repository=repository,
@@ -54,8 +54,7 @@ def export_entry(
 
 def eager_model(model: str) -> torch.nn.Module:
     """The registry model with the same seeded weights the exports use."""
-    torch.manual_seed(SEED)
-    return create_model(model).eval()
+    return seeded_model(model).eval()
 
 
 def random_batch(batch: int, size: ShapeSpec) -> np.ndarray:

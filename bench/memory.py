@@ -15,9 +15,10 @@ Three measurements, each on servers started by `bench.http.vitserve` and read fr
   and the peak stays under the bound of deploy/README.md "Memory limits", here for a gateway that
   runs its pools in-process: idle RSS + what the server keeps after its first two overlapping
   requests (the flood entry's non-spinning session, which ONNX Runtime's "idle" spinning policy
-  builds then, and the heap glibc keeps from their batches) + pools x MAX_QUEUE_BYTES + decode in flight (pools x decode threads x MAX_PIXELS x 3
-  bytes) + the activations of one batch at the flood's shape (the peak one such request adds to the
-  idle server, measured first, times the entry's batch limit).
+  builds then, and the heap glibc keeps from their batches) + pools x MAX_QUEUE_BYTES + decode in
+  flight (pools x decode threads x MAX_PIXELS x 3 bytes) + the activations of one batch at the
+  flood's shape (the peak one such request adds to the idle server, measured first, times the
+  entry's batch limit).
 
     .venv/bin/python -m bench.memory --modes shapes --model vit_small_patch16_224 --buckets 224,192x256,256x192
     .venv/bin/python -m bench.memory --modes default flood --repository model_repository

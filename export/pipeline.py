@@ -122,11 +122,17 @@ def _check_request(request: ExportRequest) -> None:
         )
 
 
+def seeded_model(name: str, checkpoint: Path | None = None, **overrides: Any) -> nn.Module:
+    """The model `vitserve export` builds: `checkpoint`'s weights, else random ones from
+    RANDOM_INIT_SEED (the caller's random state is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return create_model(name, checkpoint=checkpoint, **overrides)
+
+
 def _build_model(request: ExportRequest) -> nn.Module:
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return create_model(request.model, checkpoint=request.checkpoint, **request.overrides)
+        return seeded_model(request.model, request.checkpoint, **request.overrides)
     except KeyError as exc:
         raise ExportError(str(exc.args[0]) if exc.args else str(exc)) from exc
     except (ValueError, TypeError, RuntimeError, OSError) as exc:

@@ -4,11 +4,11 @@ Every shape of a backbone is its own artifact (fixed spatial dims run faster in 
 Triton batches per shape), but the weights are the same tensors. `SharedWeights` reads each
 artifact's initializers once, keeps one OrtValue per distinct tensor content (dtype, dims and
 bytes: shape-dependent constants such as interpolated position tables or shift masks differ and
-stay per session) and hands it to each session with `SessionOptions.add_initializer`, which
-makes ONNX Runtime use that buffer instead of allocating its own. Content, not name, is the key:
-the exporter names folded constants (transposed MatMul weights, `val_1655`) by their position in
-the traced graph, so the same weight has a different name in every shape's artifact. Adding a shape therefore adds
-its activations and shape-dependent constants, not another copy of the weights.
+stay per session) and hands it to each session with `SessionOptions.add_initializer`, which makes
+ONNX Runtime use that buffer instead of allocating its own. Content, not name, is the key: the
+exporter names folded constants (transposed MatMul weights, `val_1655`) by their position in the
+traced graph, so the same weight has a different name in every shape's artifact. Adding a shape
+therefore adds its activations and shape-dependent constants, not another copy of the weights.
 
 Pre-packing is disabled for the same reason: ONNX Runtime would otherwise re-lay out each shared
 MatMul weight into a private buffer per session (measured in bench/results/memory.json).
