@@ -79,11 +79,14 @@ def load_torchscript(entry: ModelEntry) -> torch.jit.ScriptModule:
         return torch.jit.load(str(entry.artifact)).eval()
 
 
-def ort_session(artifact: Path, threads: int, lean: bool = False) -> ort.InferenceSession:
+def ort_session(
+    artifact: Path, threads: int, lean: bool = False, mem_pattern: bool | None = None
+) -> ort.InferenceSession:
     """CPU session configured as the embedded runtime serves: all graph optimizations, `threads` intra-op.
 
     `lean` turns off the CPU memory arena and the memory pattern, trading speed for a smaller
-    resident set at high resolution (bench.peak_memory measures both).
+    resident set at high resolution (bench.peak_memory measures both); `mem_pattern` overrides the
+    memory pattern alone (bench.mem_pattern compares it on and off).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -93,6 +96,8 @@ def ort_session(artifact: Path, threads: int, lean: bool = False) -> ort.Inferen
     if lean:
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
+    if mem_pattern is not None:
+        options.enable_mem_pattern = mem_pattern
     return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
 
 

@@ -29,8 +29,15 @@ from service.runtimes.ort import OnnxRuntime
 # onnxruntime: the benchmarks' session (bench.backends.ort_session); _lean: arena and memory
 # pattern off; _served: the service's own runtime class on the artifact's repository entry
 # (service.runtimes.ort.OnnxRuntime with its defaults: shared weights, no CPU arena), which runs
-# one warm-up call when it loads.
-RUNTIMES = ("onnxruntime", "onnxruntime_lean", "onnxruntime_served", "torch_eager")
+# one warm-up call when it loads; _served_pattern: the same with ONNX Runtime's memory pattern on
+# (the service's default before bench.mem_pattern measured it).
+RUNTIMES = (
+    "onnxruntime",
+    "onnxruntime_lean",
+    "onnxruntime_served",
+    "onnxruntime_served_pattern",
+    "torch_eager",
+)
 # ONNX Runtime's resident set keeps growing after the first call (its memory pattern and arena are
 # sized from earlier runs), so a single call understates what a serving process holds.
 CALLS = 3
@@ -75,8 +82,9 @@ def _measure(runtime: str, model: str, size: int, threads: int, artifact: Path |
     pixels = random_batch(1, size)
     if runtime.startswith("onnxruntime") and artifact is None:
         raise SystemExit(f"{runtime} needs --artifact PATH (an exported model.onnx)")
-    if runtime == "onnxruntime_served":
-        served = OnnxRuntime(read_entry(artifact.parent.parent), threads)
+    if runtime.startswith("onnxruntime_served"):
+        pattern = runtime == "onnxruntime_served_pattern"
+        served = OnnxRuntime(read_entry(artifact.parent.parent), threads, mem_pattern=pattern)
         run = lambda: served.run(pixels)  # noqa: E731
     elif runtime.startswith("onnxruntime"):
         run = session_runner(ort_session(artifact, threads, lean=runtime == "onnxruntime_lean"), pixels)

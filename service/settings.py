@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     ort_cpu_arena: bool = Field(
         False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
     )
+    ort_mem_pattern: bool = Field(
+        False,
+        description="ONNX Runtime memory pattern (one pre-planned block per run); off measured as fast at "
+        "ViT 224, faster on Swin and lower at native 2048 (bench/results/mem-pattern.json).",
+    )
     max_remote_batches: int = Field(
         64,
         ge=1,

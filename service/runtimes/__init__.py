@@ -79,6 +79,7 @@ def load_runtime(
             spinning=settings.ort_spinning,
             share_weights=settings.ort_share_weights,
             cpu_arena=settings.ort_cpu_arena,
+            mem_pattern=settings.ort_mem_pattern,
             demand=demand,
         )
     if kind == "torch":
