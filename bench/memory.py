@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import tempfile
 import threading
 import time
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"modes": args.modes, "repository": str(args.repository) if args.repository else None}
     settings |= {"model": args.model, "buckets": args.buckets, "threads": args.threads}
     settings |= {"idle_bound_mib": round(IDLE_BOUND_MIB, 1), "peak_bound_mib": PEAK_BOUND_MIB}
+    # The servers inherit this environment (bench.http.vitserve), e.g. a VITSERVE_ROUTING file.
+    settings |= {"environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VITSERVE_")}}
     paths = write_results(args.name, machine, settings, rows, _summary(rows), args.output_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
 
