@@ -42,7 +42,7 @@ from bench.machine import machine_info
 from bench.peak_memory import RUNTIMES as PEAK_RUNTIMES
 from bench.peak_memory import peak_rss
 from bench.plots import attention_lines
-from bench.results import write_results
+from bench.results import publish
 from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
 from export import read_repository
 from models import estimate_cost, get_config
@@ -346,17 +346,21 @@ def main(argv: list[str] | None = None) -> None:
         },
         "noise": noise(rows),
     }
-    paths = write_results(args.name, machine, settings, rows, summary, args.output_dir)
-    png = args.output_dir / f"{args.name}.png"
-    title = f"global vs windowed attention, batch 1, {machine['cpu_model']}, {threads} threads ({machine['date']})"
-    attention_lines([r for r in rows if r["measurement"] == "latency"], title, png)
-    paths.append(png)
     if args.name == "attention" and "onnxruntime" in args.runtimes:
         calibration_path = args.output_dir / "calibration.yaml"
         calibration_path.write_text(yaml.safe_dump(calibration(rows, machine), sort_keys=False))
-        paths.append(calibration_path)
-    print(yaml.safe_dump(summary, sort_keys=False))
-    print("wrote " + ", ".join(str(p) for p in paths))
+        print(f"wrote {calibration_path}")
+    title = f"global vs windowed attention, batch 1, {machine['cpu_model']}, {threads} threads ({machine['date']})"
+    latency = [r for r in rows if r["measurement"] == "latency"]
+    publish(
+        args.name,
+        machine,
+        settings,
+        rows,
+        summary,
+        args.output_dir,
+        lambda png: attention_lines(latency, title, png),
+    )
 
 
 if __name__ == "__main__":

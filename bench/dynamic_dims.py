@@ -29,12 +29,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from bench.backends import eager_model, export_entry, ort_runner, ort_session, random_batch
 from bench.machine import machine_info
 from bench.plots import paired_bars
-from bench.results import write_results
+from bench.results import publish
 from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
 from export import ModelEntry, read_repository
 from export.errors import VerificationError
@@ -218,12 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         "calibration_max_run_s": settings.calibration_max_run_s,
         "timing": asdict(plan) | {"statistic": STATISTIC},
     }
-    paths = write_results(args.name, machine, run_settings, rows, summary, args.output_dir)
-    png = args.output_dir / f"{args.name}.png"
-    plot(rows, machine, png)
-    paths.append(png)
-    print(yaml.safe_dump(summary, sort_keys=False))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    publish(
+        args.name, machine, run_settings, rows, summary, args.output_dir, lambda png: plot(rows, machine, png)
+    )
 
 
 if __name__ == "__main__":

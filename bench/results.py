@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench.machine import load_average
 
@@ -36,3 +38,22 @@ def write_results(
         writer.writeheader()
         writer.writerows(rows)
     return [json_path, csv_path]
+
+
+def publish(
+    name: str,
+    machine: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    directory: Path,
+    plot: Callable[[Path], None],
+) -> list[Path]:
+    """`write_results`, then `plot(<directory>/<name>.png)`; prints the summary and the files written."""
+    paths = write_results(name, machine, settings, rows, summary, directory)
+    png = directory / f"{name}.png"
+    plot(png)
+    paths.append(png)
+    print(yaml.safe_dump(dict(summary), sort_keys=False))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
