@@ -1,25 +1,41 @@
-"""vitserve model library: ViT-family backbones built from attention variants, with a cost model."""
+"""vitserve model library: ViT-family backbones built from attention variants, with a cost model.
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
-from models.cost import Cost, estimate_cost
-from models.output import ModelOutput
-from models.registry import build_model, create_model, get_config, list_models, register
+Names resolve on first use (PEP 562), so `import models.config` or `models.cost` (what the gateway
+needs to read configs and route) does not import torch; the model classes and checkpoint code do.
+"""
 
-__all__ = [
-    "BackboneConfig",
-    "CheckpointError",
-    "Cost",
-    "ModelOutput",
-    "NATConfig",
-    "SwinConfig",
-    "ViTConfig",
-    "build_model",
-    "create_model",
-    "estimate_cost",
-    "get_config",
-    "list_models",
-    "load_checkpoint",
-    "register",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "models.checkpoint",
+    "load_checkpoint": "models.checkpoint",
+    "save_checkpoint": "models.checkpoint",
+    "BackboneConfig": "models.config",
+    "NATConfig": "models.config",
+    "SwinConfig": "models.config",
+    "ViTConfig": "models.config",
+    "Cost": "models.cost",
+    "estimate_cost": "models.cost",
+    "ModelOutput": "models.output",
+    "build_model": "models.registry",
+    "create_model": "models.registry",
+    "get_config": "models.registry",
+    "list_models": "models.registry",
+    "register": "models.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(_EXPORTS)
+
+
+__all__ = sorted(_EXPORTS)

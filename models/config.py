@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from models.layers.attention import VARIANTS, get_variant
-from models.layers.pos_embed import POS_EMBED_KINDS
+from models.mixing import VARIANTS, get_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,6 +21,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 # "squash" resizes both sides to the bucket (transformers' ViTImageProcessor), "crop" resizes the short
 # side to bucket / crop_pct and keeps the centered bucket square (timm's eval transform).
 RESIZE_POLICIES = ("route", "squash", "crop")
+# Position encodings of isotropic ViTs (models/layers/pos_embed.py builds them).
+POS_EMBED_KINDS = ("learned_1d", "learned_2d", "sincos_2d", "rope_2d", "none")
 
 
 @dataclass(frozen=True)

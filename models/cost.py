@@ -7,8 +7,8 @@ speed, so they count what the modules in models/ actually execute, not an ideali
   `torch.utils.flop_counter.FlopCounterMode` counts them; norms, activations, softmax and
   position encodings are elementwise and left out, as there.
 - The input is padded to a patch multiple (`ceil(H/p) x ceil(W/p)` tokens).
-- Token mixing is costed by each attention variant's own `cost` (models/layers/attention/, one
-  file per variant; an unknown kind is an error): partitioned attention (Swin windows, MaxViT
+- Token mixing is costed by each attention variant's own `cost` (declared in models/mixing.py,
+  without torch; an unknown kind is an error): partitioned attention (Swin windows, MaxViT
   block/grid) pads the feature map to a partition multiple and the padded tokens go through qkv,
   attention and the output projection; neighborhood and dilated attention run as full SDPA with a
   boolean mask, so their executed attention FLOPs and score memory equal global attention's (N^2),
@@ -26,8 +26,7 @@ import functools
 from dataclasses import dataclass
 
 from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
-from models.layers.attention import MixingShape, get_variant
-from models.layers.patch_embed import padded_grid
+from models.mixing import MixingShape, get_variant, padded_grid
 from models.registry import get_config
 
 FP32_BYTES = 4
@@ -126,7 +125,7 @@ def _block(
     partition: int,
 ) -> None:
     """One pre-norm transformer block (models.layers.block.Block) around attention `kind`; the
-    variant itself (models/layers/attention/) costs its token mixing."""
+    variant's own cost (models/mixing.py) counts its token mixing."""
     tokens = prefix + grid[0] * grid[1]
     mixed = get_variant(kind).cost(tally, MixingShape(grid, prefix, dim, heads, partition))
     tally.norm(dim)

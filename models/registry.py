@@ -2,27 +2,29 @@
 
 Names read family_size_patchP[_variant]_resolution, e.g. `vit_base_patch16_384` or
 `swin_tiny_patch4_window7_224`. `create_model(name, **overrides)` builds any of them with
-fields of its config overridden, optionally loading a checkpoint.
+fields of its config overridden, optionally loading a checkpoint. Configs need no torch: a family's
+model module is imported when the first model of it is built, so the gateway reads configs and costs
+in a process that never imports torch (models/mixing.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from models.config import BackboneConfig, NATConfig, SwinConfig, ViTConfig
-from models.nat import NeighborhoodTransformer
-from models.swin import SwinTransformer
-from models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _REGISTRY: dict[str, BackboneConfig] = {}
-_BUILDERS: dict[str, type[nn.Module]] = {
-    "vit": VisionTransformer,
-    "swin": SwinTransformer,
-    "nat": NeighborhoodTransformer,
+# family -> (module, class) of its model, imported by build_model.
+_BUILDERS: dict[str, tuple[str, str]] = {
+    "vit": ("models.vit", "VisionTransformer"),
+    "swin": ("models.swin", "SwinTransformer"),
+    "nat": ("models.nat", "NeighborhoodTransformer"),
 }
 
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
@@ -74,7 +76,8 @@ def get_config(name: str, **overrides: Any) -> BackboneConfig:
 
 def build_model(config: BackboneConfig) -> nn.Module:
     """A randomly initialized model in eval mode for `config`."""
-    return _BUILDERS[config.family](config).eval()
+    module, name = _BUILDERS[config.family]
+    return getattr(importlib.import_module(module), name)(config).eval()
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> nn.Module:

@@ -54,7 +54,7 @@ from pydantic import (
 from export.shapes import Shape, as_shape, aspect_ladder, shape_name
 from models.config import BackboneConfig
 from models.cost import estimate_cost
-from models.layers.patch_embed import padded_grid
+from models.mixing import padded_grid
 from models.registry import get_config
 from service.calibration import EntryCost, estimated_cost
 

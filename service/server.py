@@ -38,6 +38,7 @@ from service.app import create_app
 from service.connections import header_deadline_protocol
 from service.grpc_server import start_grpc_server
 from service.logs import configure_logging
+from service.process_memory import set_mmap_threshold
 from service.settings import Settings
 
 DRAINED = 0
@@ -112,6 +113,15 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; exits with status 3 when the application cannot start."""
     configure_logging(settings.log_level)
+    threshold = settings.malloc_mmap_threshold_kib
+    if threshold is not None:
+        if set_mmap_threshold(threshold):
+            log.info("allocations from the mmap threshold are unmapped when freed", extra={"kib": threshold})
+        else:
+            log.warning(
+                "VITSERVE_MALLOC_MMAP_THRESHOLD_KIB needs glibc; the C library's own allocation policy stays",
+                extra={"kib": threshold},
+            )
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         description="ONNX Runtime memory pattern (one pre-planned block per run); off measured as fast at "
         "ViT 224, faster on Swin and lower at native 2048 (bench/results/mem-pattern.json).",
     )
+    malloc_mmap_threshold_kib: int | None = Field(
+        None,
+        ge=4,
+        le=32768,
+        description="Fixed glibc mmap threshold: allocations from this size are unmapped when freed (lower "
+        "peaks at native resolutions, slower mid-size shapes); unset: glibc's dynamic threshold.",
+    )
     max_remote_batches: int = Field(
         64,
         ge=1,

@@ -181,6 +181,28 @@ def test_models_lists_every_entry_ready(photo_server: ServerProcess) -> None:
         assert model["max_batch_size"] in measured and 1 in measured
 
 
+def test_serving_onnx_never_loads_torch(photo_server: ServerProcess) -> None:
+    """The gateway reads configs, routes by cost and runs ONNX Runtime without importing torch, whose
+    libraries alone hold 176 MiB resident (README "Memory")."""
+    image = encode_image(_synthetic(600, 800), "JPEG")
+    for route in ("global", "windowed"):
+        for endpoint in ("classify", "embed"):
+            response = httpx.post(
+                f"{photo_server.url}/v1/{endpoint}",
+                params={"route": route},
+                content=image,
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+    assert httpx.get(f"{photo_server.url}/v1/route", params={"width": 4000, "height": 600}).status_code == 200
+    assert httpx.get(f"{photo_server.url}/metrics").status_code == 200
+
+    mapped = Path(f"/proc/{photo_server.process.pid}/maps").read_text()
+    assert "libtorch" not in mapped, "the serving process loaded torch"
+    assert "onnxruntime" in mapped
+
+
 def _astronaut_as(mode: str, fmt: str) -> bytes:
     """The astronaut at 200x200 in Pillow `mode` ("I;16": 16-bit grayscale), encoded as `fmt`."""
     image = Image.fromarray(skimage.data.astronaut()).resize((200, 200))

@@ -1,16 +1,18 @@
-"""One file per attention variant holds its math and its cost; the cost model and the export
-verifier ask the variant, so a new variant is costed and verified by what it declares, and an
-unknown kind is an error rather than being costed as global attention."""
+"""Every attention kind is declared once (models/mixing.py: its cost and properties, without torch)
+and built by its own module (models/layers/attention/); the cost model and the export verifier ask
+the declaration, so a new variant is costed and verified by what it declares, and an unknown kind is
+an error rather than being costed as global attention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import models.layers.attention as attention
+import models.mixing as mixing
 from export.verify import softmax_attention_layers
 from models import build_model, estimate_cost, get_config
-from models.layers.attention import ATTENTION_KINDS, AttentionVariant, get_variant
+from models.layers.attention import BUILDERS
+from models.mixing import ATTENTION_KINDS, AttentionVariant, get_variant
 
 PROBE_FLOPS = 12345
 
@@ -22,8 +24,9 @@ def _with_attention(kind: str):
     return config
 
 
-def test_every_kind_is_declared_by_its_own_module() -> None:
-    modules = {kind: get_variant(kind).build.__module__ for kind in ATTENTION_KINDS}
+def test_every_declared_kind_is_built_by_its_own_module() -> None:
+    assert set(BUILDERS) == set(ATTENTION_KINDS)
+    modules = {kind: BUILDERS[kind].__module__ for kind in ATTENTION_KINDS}
     assert modules["global"].endswith("attention.global_attention")
     assert {modules[k] for k in ("window", "block", "grid")} == {"models.layers.attention.partitioned"}
     assert {modules[k] for k in ("neighborhood", "dilated")} == {"models.layers.attention.neighborhood"}
@@ -48,9 +51,7 @@ def test_cost_model_and_verifier_ask_the_variant(monkeypatch: pytest.MonkeyPatch
         tally.flops += PROBE_FLOPS
         return shape.tokens
 
-    linear = get_variant("linear")
-    probe = AttentionVariant("probe", linear.build, probe_cost, softmax=True)
-    monkeypatch.setitem(attention.VARIANTS, "probe", probe)
+    monkeypatch.setitem(mixing.VARIANTS, "probe", AttentionVariant("probe", probe_cost, softmax=True))
     config = get_config("linvit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=2, attention=("probe",))
     cost = estimate_cost(config, 64, 64)
     assert cost.attention_flops == 2 * PROBE_FLOPS

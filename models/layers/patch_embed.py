@@ -7,11 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def padded_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """Token grid for an input size; sizes that do not divide by the patch are padded up (ceil)."""
-    return -(-height // patch_size), -(-width // patch_size)
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection (a strided conv), padding right/bottom to a patch multiple.
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POS_EMBED_KINDS = ("learned_1d", "learned_2d", "sincos_2d", "rope_2d", "none")
+from models.config import POS_EMBED_KINDS
 
 
 def resample_grid(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

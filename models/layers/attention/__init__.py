@@ -5,20 +5,24 @@ N is H*W spatial tokens in row-major order (plus prefix tokens for global attent
 as `attn_mask`, so PyTorch picks fused kernels and ONNX export emits one `Attention` node per layer.
 Masks and biases depend only on the grid, so for a fixed input size they fold into constants.
 
-One module per variant holds its math and its cost (an `AttentionVariant` in its `VARIANTS`):
+One module per variant holds its math and a builder per kind it serves (its `BUILDERS`):
 global_attention (global), partitioned (window, block, grid), neighborhood (neighborhood, dilated),
-linear (linear). The registry below is the only list of them; the model builders, the cost model
-(models/cost.py) and the export verifier (export/verify.py) ask `get_variant(kind)`, and an unknown
-kind is an error everywhere. To add a variant, write `models/layers/attention_pkg/<name>.py` with the
-module and its VARIANTS, and add the module to `_VARIANT_MODULES`.
+linear (linear). What the cost model, configs and the export verifier ask of a kind (cost, softmax,
+prefix tokens, partitions) is declared without torch in models/mixing.py (`get_variant(kind)`), so
+the gateway can route by cost without importing torch; importing this package fails when the two
+lists differ, and an unknown kind is an error everywhere. To add a variant, declare it in
+models/mixing.py and write `models/layers/attention/<name>.py` with its module and BUILDERS, added
+to `_VARIANT_MODULES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from models.layers.attention import global_attention, linear, neighborhood, partitioned
-from models.layers.attention.base import AttentionSpec, AttentionVariant, MixingShape, MultiHeadProjection
+from models.layers.attention.base import AttentionSpec, MultiHeadProjection
 from models.layers.attention.global_attention import GlobalAttention
 from models.layers.attention.linear import LinearAttention
 from models.layers.attention.neighborhood import (
@@ -34,20 +38,17 @@ from models.layers.attention.partitioned import (
     unpartition,
 )
 from models.layers.pos_embed import RotaryEmbedding2D
+from models.mixing import ATTENTION_KINDS, VARIANTS, AttentionVariant, MixingShape, get_variant
 
 _VARIANT_MODULES = (global_attention, partitioned, neighborhood, linear)
-VARIANTS: dict[str, AttentionVariant] = {v.kind: v for module in _VARIANT_MODULES for v in module.VARIANTS}
-ATTENTION_KINDS = tuple(VARIANTS)
-
-
-def get_variant(kind: str) -> AttentionVariant:
-    """The registered variant `kind`; ValueError naming the known ones otherwise."""
-    try:
-        return VARIANTS[kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}"
-        ) from None
+BUILDERS: dict[str, Callable[[AttentionSpec], nn.Module]] = {
+    kind: build for module in _VARIANT_MODULES for kind, build in module.BUILDERS.items()
+}
+if set(BUILDERS) != set(VARIANTS):
+    raise ImportError(
+        f"attention kinds declared in models/mixing.py {sorted(VARIANTS)} differ from the kinds "
+        f"models/layers/attention builds {sorted(BUILDERS)}: declare and build every variant"
+    )
 
 
 def build_attention(
@@ -80,11 +81,12 @@ def build_attention(
         dilation,
         relative_position_bias,
     )
-    return variant.build(spec)
+    return BUILDERS[kind](spec)
 
 
 __all__ = [
     "ATTENTION_KINDS",
+    "BUILDERS",
     "SHIFT_MASK_VALUE",
     "VARIANTS",
     "AttentionSpec",

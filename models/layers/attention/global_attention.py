@@ -8,12 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.layers.attention.base import (
-    AttentionSpec,
-    AttentionVariant,
-    MultiHeadProjection,
-    dense_softmax_cost,
-)
+from models.layers.attention.base import AttentionSpec, MultiHeadProjection
 from models.layers.pos_embed import RotaryEmbedding2D
 
 
@@ -46,4 +41,4 @@ def _build(spec: AttentionSpec) -> GlobalAttention:
     return GlobalAttention(spec.dim, spec.num_heads, spec.qkv_bias, spec.num_prefix_tokens, spec.rope)
 
 
-VARIANTS = (AttentionVariant("global", _build, dense_softmax_cost, softmax=True, prefix_tokens=True),)
+BUILDERS = {"global": _build}

@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.layers.attention.base import (
-    AttentionSpec,
-    AttentionVariant,
-    CostTally,
-    MixingShape,
-    MultiHeadProjection,
-)
+from models.layers.attention.base import AttentionSpec, MultiHeadProjection
 
 
 class LinearAttention(MultiHeadProjection):
@@ -42,13 +36,8 @@ class LinearAttention(MultiHeadProjection):
         return self.merge_heads(torch.matmul(q, kv) / (normalizer + self.eps / tokens))
 
 
-def _cost(tally: CostTally, shape: MixingShape) -> int:
-    tally.linear_attention(shape.tokens, shape.heads, shape.head_dim)
-    return shape.tokens
-
-
 def _build(spec: AttentionSpec) -> LinearAttention:
     return LinearAttention(spec.dim, spec.num_heads, spec.qkv_bias)
 
 
-VARIANTS = (AttentionVariant("linear", _build, _cost, softmax=False),)
+BUILDERS = {"linear": _build}

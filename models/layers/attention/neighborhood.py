@@ -12,11 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.attention.base import (
-    AttentionVariant,
-    MultiHeadProjection,
-    dense_softmax_cost,
-)
+from models.layers.attention.base import AttentionSpec, MultiHeadProjection
 
 
 def neighborhood_mask_1d(length: int, kernel_size: int, dilation: int) -> torch.Tensor:
@@ -133,26 +129,14 @@ class NeighborhoodAttention(MultiHeadProjection):
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
 
 
-VARIANTS = (
-    AttentionVariant(
-        "neighborhood",
-        lambda spec: NeighborhoodAttention(
-            spec.dim, spec.num_heads, spec.kernel_size, 1, spec.qkv_bias, spec.relative_position_bias
-        ),
-        dense_softmax_cost,
-        softmax=True,
-    ),
-    AttentionVariant(
-        "dilated",
-        lambda spec: NeighborhoodAttention(
-            spec.dim,
-            spec.num_heads,
-            spec.kernel_size,
-            spec.dilation,
-            spec.qkv_bias,
-            spec.relative_position_bias,
-        ),
-        dense_softmax_cost,
-        softmax=True,
-    ),
-)
+def _builder(dilated: bool):
+    def build(spec: AttentionSpec) -> NeighborhoodAttention:
+        dilation = spec.dilation if dilated else 1
+        return NeighborhoodAttention(
+            spec.dim, spec.num_heads, spec.kernel_size, dilation, spec.qkv_bias, spec.relative_position_bias
+        )
+
+    return build
+
+
+BUILDERS = {"neighborhood": _builder(False), "dilated": _builder(True)}

@@ -11,14 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.layers.attention.base import (
-    AttentionSpec,
-    AttentionVariant,
-    CostTally,
-    MixingShape,
-    MultiHeadProjection,
-)
-from models.layers.patch_embed import padded_grid
+from models.layers.attention.base import AttentionSpec, MultiHeadProjection
 from models.layers.pos_embed import RelativePositionBias
 
 SHIFT_MASK_VALUE = -100.0
@@ -148,15 +141,6 @@ class PartitionedAttention(MultiHeadProjection):
         return x.reshape(batch, height * width, channels)
 
 
-def _cost(tally: CostTally, shape: MixingShape) -> int:
-    size = shape.partition
-    rows, cols = padded_grid(shape.grid[0], shape.grid[1], size)
-    mixed = rows * cols * size * size
-    tally.params += (2 * size - 1) ** 2 * shape.heads
-    tally.softmax_attention(mixed // size**2, size**2, shape.heads, shape.head_dim)
-    return mixed
-
-
 def _builder(kind: str):
     mode = "grid" if kind == "grid" else "window"
 
@@ -167,7 +151,4 @@ def _builder(kind: str):
     return build
 
 
-VARIANTS = tuple(
-    AttentionVariant(kind, _builder(kind), _cost, softmax=True, partitioned=True)
-    for kind in ("window", "block", "grid")
-)
+BUILDERS = {kind: _builder(kind) for kind in ("window", "block", "grid")}
