@@ -11,10 +11,11 @@ since trimming costs a walk of the heap. Elsewhere than glibc it does nothing.
 glibc's mmap threshold starts at 128 KiB and rises to the size of each mapped block freed, up to
 32 MiB, so after a few runs a session's tensors of up to 32 MiB come from the heap, where freed
 blocks of one run are not always reusable by the next (fragmentation) and stay resident. A fixed
-threshold (`VITSERVE_MALLOC_MMAP_THRESHOLD_KIB`) maps every tensor above it and unmaps it when freed:
-serving 2072x2072 on Swin-T peaked 423 MiB lower at 4096 KiB, at about 1.2x the time per batch on
-Swin-T 448 and 896, where every run then faults its tensors in afresh (README "Memory"); so it is
-for pods that serve native-resolution shapes, not a default.
+threshold (`VITSERVE_MALLOC_MMAP_THRESHOLD_KIB`) maps every tensor above it and unmaps it when freed.
+At 4096 KiB a server with a 2072x2072 Swin-T entry peaked 552 MiB lower at start-up and 44 MiB lower
+serving it, at 1.13x and 1.28x the time per batch on Swin-T 448 and 896, where every run then faults
+its tensors in afresh (README "Memory", bench/mmap_threshold.py); so it is for pods that serve
+native-resolution shapes, not a default.
 """
 
 from __future__ import annotations
