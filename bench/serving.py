@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
+    parser.add_argument("--name", default="serving", help="result files <name>.json/.csv/.png")
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
@@ -167,9 +168,9 @@ def main() -> None:
         "threads": args.threads,
         "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
     }
-    for written in write_results("serving", machine, run_settings, rows, summary, args.output_dir):
+    for written in write_results(args.name, machine, run_settings, rows, summary, args.output_dir):
         print(f"wrote {written}", file=sys.stderr)
-    _plot(rows, tuple(configs), args.output_dir / "serving.png")
+    _plot(rows, tuple(configs), args.output_dir / f"{args.name}.png")
     print(summary)
 
 

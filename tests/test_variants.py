@@ -5,6 +5,10 @@ an error rather than being costed as global attention."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +76,18 @@ def test_neighbourhood_mask_is_cached_per_grid_and_device() -> None:
         model(torch.randn(1, 3, 48, 80))
     assert attn.mask((4, 4), torch.device("cpu")) is first
     assert set(attn._masks) == {((4, 4), torch.device("cpu")), ((3, 5), torch.device("cpu"))}
+
+
+def test_configs_costs_and_the_gateway_import_without_torch() -> None:
+    """What the gateway needs (configs, the named registry, the cost model, the app) never imports torch."""
+    probe = (
+        "import sys\n"
+        "import models, service.app\n"
+        "config = models.get_config('swin_tiny_patch4_window7_224')\n"
+        "assert models.estimate_cost(config, 2048, 2048).tokens == 512 * 512\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+        "models.build_model(models.get_config('vit_tiny_patch16_224', depth=1))\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=root)

@@ -1,6 +1,6 @@
 """Global multi-head self-attention (ViT): every token attends to every token, optional 2D RoPE.
 
-Cost: one N x N softmax per head (N includes prefix tokens).
+Cost (declared in models/mixing.py): one N x N softmax per head (N includes prefix tokens).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Kernelized linear attention (elu + 1 feature map): O(N) in tokens, no softmax, no SDPA.
 
-Cost: phi(K)^T V, phi(Q) (phi(K)^T V) and the normalizer phi(Q) sum phi(K), 4 N d^2 + 2 N d per
-head; no score matrix is materialized.
+Cost (declared in models/mixing.py): phi(K)^T V, phi(Q) (phi(K)^T V) and the normalizer
+phi(Q) sum phi(K), 4 N d^2 + 2 N d per head; no score matrix is materialized.
 """
 
 from __future__ import annotations

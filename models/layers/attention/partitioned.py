@@ -2,8 +2,9 @@
 shift on alternate layers), MaxViT `block` (unshifted windows) and `grid` (a P x P lattice spread
 over the whole image).
 
-Cost: the grid is padded to partition multiples; q/k/v, the (P^2 x P^2) softmax of every partition
-and the output projection run on the padded tokens; each layer owns a (2P-1)^2 x heads bias table.
+Cost (declared in models/mixing.py): the grid is padded to partition multiples; q/k/v, the
+(P^2 x P^2) softmax of every partition and the output projection run on the padded tokens; each
+layer owns a (2P-1)^2 x heads bias table.
 """
 
 from __future__ import annotations
