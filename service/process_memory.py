@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import functools
 
-
 # mallopt's parameter number for the mmap threshold (malloc.h).
 M_MMAP_THRESHOLD = -3
 
