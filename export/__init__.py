@@ -6,8 +6,7 @@ importing the exporters, which need torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from models.lazy import lazy_namespace
 
 _EXPORTS = {
     "ExportError": "export.errors",
@@ -20,14 +19,5 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'export' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(_EXPORTS)
-
-
+__getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
