@@ -72,18 +72,26 @@ def attention_lines(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -
     plt.close(fig)
 
 
-def phase_bars(rows: Sequence[Mapping[str, Any]], phases: Sequence[str], title: str, path: Path) -> None:
-    """One horizontal bar per run, split into its phases (seconds), with the total at its end."""
+def phase_bars(
+    rows: Sequence[Mapping[str, Any]],
+    phases: Sequence[str],
+    title: str,
+    path: Path,
+    xlabel: str = "seconds from `make serve`",
+    unit: str = "s",
+) -> None:
+    """One horizontal bar per row (`row["run"]`), split into its phases, with the total at its end."""
     fig, ax = plt.subplots(figsize=(9, 1.8 + 0.6 * len(rows)))
     for index, row in enumerate(rows):
         left = 0.0
-        for phase in phases:
-            ax.barh(index, row[phase], left=left, label=phase if index == 0 else None)
+        for color, phase in enumerate(phases):
+            ax.barh(index, row[phase], left=left, color=f"C{color}", label=phase if index == 0 else None)
             left += row[phase]
-        ax.annotate(f"{left:.0f} s", (left, index), xytext=(4, 0), textcoords="offset points", va="center")
+        total = f"{left:.0f} {unit}" if left >= 10 else f"{left:.2f} {unit}"
+        ax.annotate(total, (left, index), xytext=(4, 0), textcoords="offset points", va="center")
     ax.set_yticks(range(len(rows)), [row["run"] for row in rows])
     ax.set_xlim(0, max(sum(row[phase] for phase in phases) for row in rows) * 1.12)
-    ax.set_xlabel("seconds from `make serve`")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(phases), fontsize=8)
     fig.tight_layout()

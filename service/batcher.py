@@ -34,13 +34,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.metrics import Metrics
+from service.threads import named_executor
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,7 @@ class Batcher:
         self._metrics = metrics
         self._own_executor = None
         if executor is None:
-            executor = self._own_executor = ThreadPoolExecutor(
-                max_concurrent_batches, thread_name_prefix=f"batch-{model}-{bucket}"
-            )
+            executor = self._own_executor = named_executor(max_concurrent_batches, f"batch-{model}-{bucket}")
         self._executor = executor
         self._fill_executor = fill_executor
         # Buffers are made on first use and reused, so a high remote ceiling costs nothing until used.

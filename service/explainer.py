@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnxruntime as ort
 from export.repository import ModelEntry
 from service.batcher import DeadlineExceeded, QueueFull
 from service.explain import HeatMap, NotExplainable, check_explainable, heat_map, instrument
+from service.threads import named_executor
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 CACHED_SESSIONS = 4
@@ -85,7 +85,7 @@ class Explainers:
         self._max_queue = max_queue
         self._waiting = 0
         self._sessions: OrderedDict[Path, EntryExplainer] = OrderedDict()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="explain")
+        self._executor = named_executor(1, "explain")
 
     async def explain(
         self, entry: ModelEntry, pixels: np.ndarray, content: tuple[int, int], deadline: float

@@ -32,6 +32,7 @@ from service.router import BackboneRoute, Router, RoutingConfig
 from service.runtimes import Runtime, RuntimeUnavailable, load_runtime
 from service.runtimes.endpoints import EndpointMetrics, EndpointRegistry
 from service.settings import Settings
+from service.threads import named_executor
 
 log = logging.getLogger("vitserve.state")
 GLOBAL_ATTENTION = ("global",)
@@ -282,15 +283,13 @@ class ServingState:
         instead of splitting them, remote ones share the pool's in-flight budget."""
         key = f"{pool}-{concurrency}"
         if key not in self.inference_pools:
-            self.inference_pools[key] = ThreadPoolExecutor(concurrency, thread_name_prefix=f"infer-{key}")
+            self.inference_pools[key] = named_executor(concurrency, f"infer-{key}")
         return self.inference_pools[key]
 
     def _decoder(self, pool: str) -> ThreadPoolExecutor:
         """Decode threads of one pool: huge windowed-route images never hold the global route's threads."""
         if pool not in self.decode_pools:
-            self.decode_pools[pool] = ThreadPoolExecutor(
-                self.settings.decoders(), thread_name_prefix=f"decode-{pool}"
-            )
+            self.decode_pools[pool] = named_executor(self.settings.decoders(), f"decode-{pool}")
         return self.decode_pools[pool]
 
     async def decode(self, pool: str, work: Callable[..., T], *args: object) -> T:

@@ -203,6 +203,22 @@ def test_serving_onnx_never_loads_torch(photo_server: ServerProcess) -> None:
     assert "onnxruntime" in mapped
 
 
+def test_server_threads_carry_their_names_in_the_os(photo_server: ServerProcess) -> None:
+    """Decode and batch threads are told apart in top -H and /proc (service/threads.py)."""
+    response = httpx.post(
+        f"{photo_server.url}/v1/classify",
+        params={"route": "global"},
+        content=encode_image(_synthetic(224, 224), "JPEG"),
+        headers={"content-type": "image/jpeg"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    tasks = Path(f"/proc/{photo_server.process.pid}/task").iterdir()
+    names = {(task / "comm").read_text().strip() for task in tasks}
+    assert "decode-global_0" in names, names
+    assert any(name.startswith("infer-global") for name in names), names
+
+
 def _astronaut_as(mode: str, fmt: str) -> bytes:
     """The astronaut at 200x200 in Pillow `mode` ("I;16": 16-bit grayscale), encoded as `fmt`."""
     image = Image.fromarray(skimage.data.astronaut()).resize((200, 200))
