@@ -113,23 +113,28 @@ def vitserve(
 
 
 class SequentialClient:
-    """POST one body at a time over one keep-alive connection; every answer must be 200."""
+    """POST one body (GET without one) at a time over one keep-alive connection; every answer must be 200."""
 
-    def __init__(self, server: Server, path: str, body: bytes, content_type: str = "image/jpeg"):
+    def __init__(
+        self, server: Server, path: str, body: bytes | None = None, content_type: str = "image/jpeg"
+    ):
         self._connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        self._method = "GET" if body is None else "POST"
         self._path = path
         self._body = body
-        self._headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        self._headers = (
+            {} if body is None else {"Content-Type": content_type, "Content-Length": str(len(body))}
+        )
 
     def __call__(self) -> bytes:
         try:
-            self._connection.request("POST", self._path, self._body, self._headers)
+            self._connection.request(self._method, self._path, self._body, self._headers)
             response = self._connection.getresponse()
         except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
             # The server closed the idle connection (keep-alive timeout) while other cells ran;
             # the warm-up calls of each visit take this reconnection, not the timed ones.
             self._connection.close()
-            self._connection.request("POST", self._path, self._body, self._headers)
+            self._connection.request(self._method, self._path, self._body, self._headers)
             response = self._connection.getresponse()
         payload = response.read()
         if response.status != 200:

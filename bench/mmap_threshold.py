@@ -17,18 +17,18 @@ batch 1; the settings alternate round by round. Headline: median of the quietest
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.backends import random_batch
 from bench.machine import machine_info
 from bench.plots import paired_bars
 from bench.results import publish
-from bench.timing import add_run_arguments
+from bench.timing import add_run_arguments, call_until
 from export.repository import read_entry
 from service.process_memory import set_mmap_threshold
 from service.runtimes.ort import IDLE_SPINNING, OnnxRuntime
@@ -45,17 +45,9 @@ def child(repository: Path, entries: list[str], setting: str, seconds: float, th
     samples: dict[str, list[float]] = {}
     for name in entries:
         entry = read_entry(repository / name)
-        runtime = OnnxRuntime(entry, threads, IDLE_SPINNING)
-        pixels = random_batch(1, entry.shape)
-        for _ in range(WARMUP_CALLS):
-            runtime.run(pixels)
-        times: list[float] = []
-        deadline = time.perf_counter() + seconds
-        while len(times) < MIN_CALLS or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            runtime.run(pixels)
-            times.append(time.perf_counter() - start)
-        samples[name] = times
+        run = functools.partial(OnnxRuntime(entry, threads, IDLE_SPINNING).run, random_batch(1, entry.shape))
+        call_until(run, 0, WARMUP_CALLS)
+        samples[name] = call_until(run, seconds, MIN_CALLS)
     return samples
 
 

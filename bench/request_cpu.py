@@ -16,12 +16,10 @@ calls ONNX Runtime (`infer-*`) and everything else (ONNX Runtime's intra-op work
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from bench.http import SequentialClient, Server, vitserve
+from bench.http import SequentialClient, vitserve
 from bench.machine import machine_info
 from bench.plots import phase_bars
 from bench.results import RESULTS_DIR, publish
@@ -56,28 +54,14 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return totals
 
 
-def _getter(server: Server, path: str) -> Callable[[], bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-
-    def get() -> bytes:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path} answered {response.status}: {payload[:300]!r}")
-        return payload
-
-    return get
-
-
 def measure(repository: Path, requests: int) -> list[dict]:
     photo = photo_jpeg(224)
     rows = []
     with vitserve(repository) as server:
         pid = server.process.pid
         calls = {
-            "GET /v2/health/live": _getter(server, "/v2/health/live"),
-            "GET /v1/route (224x224)": _getter(server, "/v1/route?width=224&height=224"),
+            "GET /v2/health/live": SequentialClient(server, "/v2/health/live"),
+            "GET /v1/route (224x224)": SequentialClient(server, "/v1/route?width=224&height=224"),
             "POST /v1/classify (224 JPEG, global 224)": SequentialClient(
                 server, "/v1/classify?route=global&bucket=224", photo
             ),

@@ -88,7 +88,8 @@ class Timing:
         }
 
 
-def _call_until(runner: Runner, seconds: float, min_calls: int) -> list[float]:
+def call_until(runner: Runner, seconds: float, min_calls: int) -> list[float]:
+    """Seconds of each call of `runner`, called for `seconds` and at least `min_calls` times."""
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < min_calls or time.perf_counter() - start < seconds:
@@ -111,8 +112,8 @@ def time_cells(cells: Mapping[Hashable, Runner], plan: TimingPlan) -> dict[Hasha
     for round_index in range(plan.rounds):
         for key, runner in cells.items():
             time.sleep(plan.pause_seconds)
-            _call_until(runner, plan.warmup_seconds, 0)
-            samples = _call_until(runner, plan.seconds / plan.rounds, plan.min_calls)
+            call_until(runner, plan.warmup_seconds, 0)
+            samples = call_until(runner, plan.seconds / plan.rounds, plan.min_calls)
             timings[key].samples.extend(samples)
             timings[key].round_medians.append(statistics.median(samples))
             progress.step(

@@ -30,7 +30,7 @@ M_MMAP_THRESHOLD = -3
 
 @functools.cache
 def _libc_function(name: str):
-    """`name` from the C library when it is glibc's (None elsewhere, e.g. musl has no malloc_trim)."""
+    """`name` from the C library, None where it has none (malloc_trim and mallopt are glibc's; musl has neither)."""
     path = ctypes.util.find_library("c")
     library = ctypes.CDLL(path) if path else None
     return getattr(library, name, None)

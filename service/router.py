@@ -246,7 +246,7 @@ class Route:
         return fields
 
 
-ROUTE_FIELDS = tuple(f.name for f in dataclasses.fields(Route))
+ROUTE_FIELDS = tuple(f.name for f in dataclasses.fields(Route) if f.name != "candidates")
 CANDIDATE_FIELDS = tuple(f.name for f in dataclasses.fields(Candidate))
 
 
