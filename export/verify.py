@@ -29,7 +29,7 @@ from torch import nn
 from export.errors import VerificationError
 from export.shapes import ShapeSpec, as_shape, shape_name
 from export.torchscript_export import count_sdpa_ops
-from models.layers.attention import get_variant
+from models.mixing import get_variant
 
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 INT8_MIN_COSINE = 0.99

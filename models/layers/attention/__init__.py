@@ -38,7 +38,7 @@ from models.layers.attention.partitioned import (
     unpartition,
 )
 from models.layers.pos_embed import RotaryEmbedding2D
-from models.mixing import ATTENTION_KINDS, VARIANTS, AttentionVariant, MixingShape, get_variant
+from models.mixing import ATTENTION_KINDS, VARIANTS, get_variant
 
 _VARIANT_MODULES = (global_attention, partitioned, neighborhood, linear)
 BUILDERS: dict[str, Callable[[AttentionSpec], nn.Module]] = {
@@ -90,10 +90,8 @@ __all__ = [
     "SHIFT_MASK_VALUE",
     "VARIANTS",
     "AttentionSpec",
-    "AttentionVariant",
     "GlobalAttention",
     "LinearAttention",
-    "MixingShape",
     "MultiHeadProjection",
     "NeighborhoodAttention",
     "PartitionedAttention",
