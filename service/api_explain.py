@@ -17,7 +17,7 @@ from service.api_v1 import (
     read_and_route,
     top_predictions,
 )
-from service.dependencies import deadline, ready_state
+from service.dependencies import deadline, ready_state, withdrawn_on_disconnect
 from service.errors import APIError
 from service.explain import HeatMap, NotExplainable
 from service.explainer import Explainers
@@ -83,7 +83,8 @@ async def explain(
     explainers: Explainers = request.app.state.explainers
     started = time.perf_counter()
     header, route, entry = await read_and_route(request, state, overrides, request_deadline)
-    decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
+    async with withdrawn_on_disconnect(request):
+        decoded, pixels, timings = await decode_routed(state, header, route, entry)
     width, height = decoded.original_size
     recipe = entry.config
     mode = served_mode(route.resize_mode, recipe.resize)

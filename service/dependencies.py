@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
 
 from service.errors import APIError, client_disconnected
 from service.settings import Settings
 from service.state import ServingState
-
-T = TypeVar("T")
 
 
 async def get_state(request: Request) -> ServingState:
@@ -52,13 +51,20 @@ async def deadline(
     return time.monotonic() + budget / 1000
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first (so queued work is withdrawn).
+@asynccontextmanager
+async def withdrawn_on_disconnect(request: Request) -> AsyncIterator[None]:
+    """Cancel the request's work inside the block if the client goes away first, so queued work is
+    withdrawn. Enter it once the body has been read: from then on its watcher reads the request's
+    messages, waiting for the disconnect.
 
     A withdrawn request ends as APIError 499 (client closed request): nobody reads the answer, but
     the request is counted with that status and ends like any other failure, without a traceback.
+    One watcher task per request cancels the handler's own task, so the work runs in that task
+    itself: wrapping each awaited step in a task of its own (as before) cost a watcher and two more
+    event-loop iterations per step, about 0.05 ms per classify request at concurrency 1.
     """
-    task = asyncio.ensure_future(work)
+    handler = asyncio.current_task()
+    assert handler is not None, "withdrawn_on_disconnect runs inside the request's task"
     disconnected = False
 
     async def watch() -> None:
@@ -66,13 +72,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         disconnected = True
-        task.cancel()
+        handler.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        return await task
+        yield
     except asyncio.CancelledError:
         if disconnected:
+            handler.uncancel()
             raise client_disconnected() from None
         raise
     finally:

@@ -20,11 +20,13 @@ import onnxruntime as ort
 import pytest
 import skimage.data
 from PIL import Image
+from pydantic import BaseModel
 from sklearn.datasets import load_sample_images
 
 from export import read_entry
 from service.imaging import decode_image
 from service.preprocess import preprocess
+from service.schemas import ClassifyResponse, EmbedResponse, RouteResponse
 from support.server import ServerProcess, encode_image
 
 LIMITS = {"max_bytes": 1 << 30, "max_pixels": 1 << 30}
@@ -289,3 +291,36 @@ def test_openapi_schema_describes_the_typed_api(photo_server: ServerProcess) -> 
     assert {p["name"] for p in classify["parameters"]} >= {"top_k", "model", "route", "bucket", "timeout_ms"}
     infer_errors = paths["/v2/models/{model}/infer"]["post"]["responses"]["429"]
     assert infer_errors["content"]["application/json"]["schema"]["$ref"].endswith("V2ErrorBody")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "model"),
+    [
+        ("post", "/v1/classify", ClassifyResponse),
+        ("post", "/v1/embed", EmbedResponse),
+        ("get", "/v1/route", RouteResponse),
+    ],
+)
+def test_pre_serialized_answers_match_their_declared_model(
+    photo_server: ServerProcess, method: str, path: str, model: type[BaseModel]
+) -> None:
+    """These routes return JSON that pydantic-core serialized (api_v1.json_response), so FastAPI no
+    longer checks it against `response_model`: the schema still names the model, and every answer
+    validates against it field for field, with nothing left over."""
+    schema = httpx.get(f"{photo_server.url}/openapi.json").json()
+    declared = schema["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert declared["$ref"].endswith(model.__name__)
+    if method == "post":
+        response = httpx.post(
+            f"{photo_server.url}{path}",
+            content=encode_image(skimage.data.coffee(), "JPEG"),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        )
+    else:
+        response = httpx.get(f"{photo_server.url}{path}", params={"width": 640, "height": 480}, timeout=60)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    parsed = model.model_validate_json(response.content)
+    assert parsed.model_dump(mode="json") == response.json()
