@@ -168,8 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repository", type=Path, help="take the fixed entries from this repository (default: export them)"
     )
-    parser.add_argument("--name", default="dynamic-dims", help="result files <name>.json/.csv/.png")
-    add_run_arguments(parser, rounds=4, seconds=4.0)
+    add_run_arguments(parser, rounds=4, seconds=4.0, name="dynamic-dims")
     return parser.parse_args(argv)
 
 

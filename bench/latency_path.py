@@ -37,7 +37,7 @@ import numpy as np
 
 from bench.http import SequentialClient, vitserve
 from bench.machine import cores, machine_info
-from bench.results import RESULTS_DIR, publish
+from bench.results import add_output_arguments, publish
 from bench.serving import RAW_POLICY, global_entry, photo_jpeg
 from bench.timing import call_until
 from service.api_v1 import top_predictions
@@ -120,8 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--requests", type=int, default=150, help="requests (and raw runs) per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--name", default="latency-path", help="result files <name>.json/.csv/.png")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser, "latency-path")
     return parser.parse_args(argv)
 
 

@@ -114,8 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--peak", nargs="*", type=Path, default=[], help="model.onnx of square entries")
     parser.add_argument("--peak-calls", type=int, default=2)
-    parser.add_argument("--name", default="mem-pattern", help="result files <name>.json/.csv/.png")
-    add_run_arguments(parser, rounds=4, seconds=8.0)
+    add_run_arguments(parser, rounds=4, seconds=8.0, name="mem-pattern")
     return parser.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from bench.http import Server, vitserve
 from bench.machine import cores, machine_info
 from bench.mixed import photo_jpeg
-from bench.results import RESULTS_DIR, write_results
+from bench.results import add_output_arguments, write_results
 from export import ExportRequest, export_model
 from export.shapes import parse_shape
 from service.settings import Settings
@@ -288,8 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flood-size", default="4000x3000", help="flood: image WIDTHxHEIGHT")
     parser.add_argument("--clients", type=int, default=32, help="flood: concurrent clients")
     parser.add_argument("--flood-seconds", type=float, default=30.0)
-    parser.add_argument("--name", default="memory", help="result files <name>.json/.csv")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser, "memory")
     args = parser.parse_args(argv)
     if {"default", "flood"} & set(args.modes) and args.repository is None:
         parser.error("--modes default and flood need --repository (the repository `make export` built)")

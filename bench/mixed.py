@@ -48,7 +48,7 @@ from PIL import Image
 
 from bench.http import SequentialClient, vitserve
 from bench.machine import machine_info
-from bench.results import RESULTS_DIR, write_results
+from bench.results import add_output_arguments, write_results
 from service.settings import Settings
 
 
@@ -244,7 +244,7 @@ def main() -> None:
     )
     parser.add_argument("--budget-ms", type=float, default=3000, help="latency budget, sent as timeout_ms")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser)
     args = parser.parse_args()
     if BASELINE not in args.policies.split(","):
         sys.exit(

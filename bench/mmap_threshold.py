@@ -118,8 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--entries", nargs="+", default=["vit_global_224", "swin_windowed_448", "swin_windowed_896"]
     )
     parser.add_argument("--kib", nargs="+", type=int, default=[4096], help="fixed thresholds to compare")
-    parser.add_argument("--name", default="mmap-threshold", help="result files <name>.json/.csv/.png")
-    add_run_arguments(parser, rounds=4, seconds=24.0)
+    add_run_arguments(parser, rounds=4, seconds=24.0, name="mmap-threshold")
     parser.add_argument("--child", metavar="SETTING", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.http import PROJECT_ROOT, Server, answers_200, free_port, hey, vitserve
 from bench.machine import cores, machine_info
-from bench.results import RESULTS_DIR, write_results
+from bench.results import add_output_arguments, write_results
 from bench.serving import global_entry, photo_jpeg
 
 PEERS_DIR = PROJECT_ROOT / ".venv-peers"
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15, help="duration of each hey run")
     parser.add_argument("--repository", type=Path, help="reuse bench.serving's exported repository")
     parser.add_argument("--peers", default=",".join(p.name for p in PEERS))
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser)
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")

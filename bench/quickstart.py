@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.machine import load_average, machine_info
 from bench.plots import phase_bars
-from bench.results import RESULTS_DIR, write_results
+from bench.results import add_output_arguments, write_results
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "quickstart.sh"
 PHASES = ("install_s", "export_s", "startup_and_first_request_s")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--port", type=int, default=18123)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     rows = [run_once(index, args.port) for index in range(args.runs)]
     summary = {"best_total_s": min(r["total_s"] for r in rows), "target_s": 120}

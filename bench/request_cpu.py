@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.http import SequentialClient, vitserve
 from bench.machine import machine_info
 from bench.plots import phase_bars
-from bench.results import RESULTS_DIR, publish
+from bench.results import add_output_arguments, publish
 from bench.serving import photo_jpeg
 
 GROUPS = ("event loop", "decode", "inference batch thread", "other threads")
@@ -83,8 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.request_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--requests", type=int, default=400, help="timed requests of each kind")
-    parser.add_argument("--name", default="request-cpu", help="result files <name>.json/.csv/.png")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser, "request-cpu")
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +14,15 @@ import yaml
 from bench.machine import load_average
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str | None = None) -> None:
+    """--output-dir, and --name (result files <name>.json/.csv/.png) when the benchmark has a default `name`."""
+    if name is not None:
+        parser.add_argument(
+            "--name", default=name, help="result files <name>.json, .csv and, if plotted, .png"
+        )
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
 
 
 def write_results(

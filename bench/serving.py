@@ -97,7 +97,7 @@ def _raw_runner(runtime: OnnxRuntime, batch: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_arguments(parser, rounds=4, seconds=8.0)
+    add_run_arguments(parser, rounds=4, seconds=8.0, name="serving")
     parser.add_argument("--load-seconds", type=float, default=10, help="duration of each hey run")
     parser.add_argument(
         "--load-rounds", type=int, default=3, help="rounds of hey runs per configuration and load"
@@ -107,7 +107,6 @@ def main() -> None:
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
-    parser.add_argument("--name", default="serving", help="result files <name>.json/.csv/.png")
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")

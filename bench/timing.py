@@ -18,10 +18,9 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bench.machine import cores
-from bench.results import RESULTS_DIR
+from bench.results import add_output_arguments
 from export.progress import Progress
 
 Runner = Callable[[], object]
@@ -134,8 +133,10 @@ def noise(rows: list[dict]) -> dict[str, float]:
     return result
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, rounds: int, seconds: float) -> None:
-    """Options every latency benchmark takes: timing plan, threads and output directory."""
+def add_run_arguments(
+    parser: argparse.ArgumentParser, rounds: int, seconds: float, name: str | None = None
+) -> None:
+    """Options every latency benchmark takes: timing plan, threads and output (`add_output_arguments`)."""
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument(
         "--seconds", type=float, default=seconds, help="timed seconds per cell over all rounds"
@@ -143,4 +144,4 @@ def add_run_arguments(parser: argparse.ArgumentParser, rounds: int, seconds: flo
     parser.add_argument(
         "--threads", type=int, default=cores(), help="intra-op threads of every runtime (default: the cores)"
     )
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser, name)
