@@ -353,12 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     title = f"global vs windowed attention, batch 1, {machine['cpu_model']}, {threads} threads ({machine['date']})"
     latency = [r for r in rows if r["measurement"] == "latency"]
     publish(
-        args.name,
+        args,
         machine,
         settings,
         rows,
         summary,
-        args.output_dir,
         lambda png: attention_lines(latency, title, png),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,35 @@ def load_torchscript(entry: ModelEntry) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.load(str(entry.artifact)).eval()
+
+
+def named_entries(repository: Path, names: list[str]) -> dict[str, ModelEntry]:
+    """The entries of `repository` called `names`; exits naming the ones it lacks and what it has."""
+    entries = {entry.name: entry for entry in read_repository(repository)}
+    missing = sorted(set(names) - set(entries))
+    if missing:
+        raise SystemExit(f"{repository} has no entries {missing}; it has {sorted(entries)}")
+    return {name: entries[name] for name in names}
+
+
+def setting_cells(
+    repository: Path,
+    names: list[str],
+    batches: list[int],
+    settings: Callable[[ModelEntry], Mapping[str, Callable[[np.ndarray], Runner]]],
+) -> dict[tuple, Runner]:
+    """(entry, batch, setting) -> runner, for each named entry of `repository` and each batch.
+
+    `settings(entry)` maps each setting to what makes its runner from a batch of random pixels; it
+    is called once per entry, so the sessions it builds serve every batch."""
+    cells: dict[tuple, Runner] = {}
+    for name, entry in named_entries(repository, names).items():
+        makers = settings(entry)
+        for batch in batches:
+            pixels = np.ascontiguousarray(random_batch(batch, entry.shape))
+            for setting, make in makers.items():
+                cells[(name, batch, setting)] = make(pixels)
+    return cells
 
 
 def ort_session(

@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "calibration_max_run_s": settings.calibration_max_run_s,
         "timing": asdict(plan) | {"statistic": STATISTIC},
     }
-    publish(
-        args.name, machine, run_settings, rows, summary, args.output_dir, lambda png: plot(rows, machine, png)
-    )
+    publish(args, machine, run_settings, rows, summary, lambda png: plot(rows, machine, png))
 
 
 if __name__ == "__main__":

@@ -147,15 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
         "client": "sequential, one keep-alive connection",
     }
-    publish(
-        args.name,
-        machine,
-        run_settings,
-        rows,
-        summary,
-        args.output_dir,
-        lambda png: _plot(rows, machine, png),
-    )
+    publish(args, machine, run_settings, rows, summary, lambda png: _plot(rows, machine, png))
 
 
 def _plot(rows: list[dict], machine: dict, path: Path) -> None:

@@ -21,17 +21,20 @@ what turning it off costs where the service runs:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
-from bench.backends import ort_runner, ort_session, random_batch
+import numpy as np
+
+from bench.backends import ort_runner, ort_session, setting_cells
 from bench.machine import machine_info
 from bench.peak_memory import peak_rss
 from bench.plots import paired_bars
 from bench.results import publish
 from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
-from export import read_repository
-from export.repository import read_entry
+from export.repository import ModelEntry, read_entry
 
 PATTERN = {"on": True, "off": False}
 PEAK_RUNTIMES = {"on": "onnxruntime_served_pattern", "off": "onnxruntime_served"}
@@ -41,22 +44,14 @@ def latency_cells(
     repository: Path, names: list[str], batches: list[int], threads: int
 ) -> dict[tuple, Runner]:
     """(entry, batch, pattern) -> runner, on sessions without the CPU arena as the service runs them."""
-    entries = {entry.name: entry for entry in read_repository(repository)}
-    missing = sorted(set(names) - set(entries))
-    if missing:
-        raise SystemExit(f"{repository} has no entries {missing}; it has {sorted(entries)}")
-    cells: dict[tuple, Runner] = {}
-    for name in names:
-        entry = entries[name]
-        sessions = {
-            state: ort_session(entry.artifact, threads, lean=True, mem_pattern=on)
+
+    def patterns(entry: ModelEntry) -> dict[str, Callable[[np.ndarray], Runner]]:
+        return {
+            state: partial(ort_runner, ort_session(entry.artifact, threads, lean=True, mem_pattern=on), entry)
             for state, on in PATTERN.items()
         }
-        for batch in batches:
-            pixels = random_batch(batch, entry.shape)
-            for state, session in sessions.items():
-                cells[(name, batch, state)] = ort_runner(session, entry, pixels)
-    return cells
+
+    return setting_cells(repository, names, batches, patterns)
 
 
 def peak_rows(artifacts: list[Path], threads: int, calls: int) -> list[dict]:
@@ -138,9 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "ort": {"provider": "CPUExecutionProvider", "cpu_arena": False, "graph_optimization": "ALL"},
         "timing": asdict(plan) | {"statistic": STATISTIC},
     }
-    publish(
-        args.name, machine, run_settings, rows, summary, args.output_dir, lambda png: plot(rows, machine, png)
-    )
+    publish(args, machine, run_settings, rows, summary, lambda png: plot(rows, machine, png))
 
 
 if __name__ == "__main__":

@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "statistic": "ms_p50: median of the quietest round (one fresh process per round and setting)",
     }
     summary = summarize(rows)
-    publish(
-        args.name, machine, run_settings, rows, summary, args.output_dir, lambda png: plot(rows, machine, png)
-    )
+    publish(args, machine, run_settings, rows, summary, lambda png: plot(rows, machine, png))
 
 
 if __name__ == "__main__":

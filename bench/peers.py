@@ -7,8 +7,14 @@ to 224, normalizes and runs ONNX Runtime on the very artifact vitserve serves (t
 entry of bench.serving's repository), batches of at most 8 with a 2 ms wait. vitserve serves the
 same request at /v1/classify with its defaults.
 
-Every server gets the identical multipart request (field `image`, a 224x224 JPEG photo), first at
-concurrency 1 and then 16 with `hey` for `--seconds` each, one server at a time.
+Every server gets the identical multipart request (field `image`, a 224x224 JPEG photo), at
+concurrency 1 and then 16 with `hey` for `--seconds` each, one server running at a time. `--rounds`
+rounds start and measure every server in turn, each round opening with raw in-process ONNX Runtime
+at batch 1 on the same artifact: this VM's speed drifts by 10% or more within minutes, which a single
+pass would book against whichever server ran in a slow minute. Headline per server and load: the
+median over rounds. The servers are not kept up side by side, because idle ones take CPU from the
+one measured: 20 s with all four up cost LitServe's workers about 15% of a core, Ray's 10% and
+vitserve's 5% (`ps` CPU times), which favours whichever polls busiest.
 
     make bench-peers          # builds the three environments, then runs this
 """
@@ -26,14 +32,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
+
+import numpy as np
 
 from bench.http import PROJECT_ROOT, Server, answers_200, free_port, hey, vitserve
 from bench.machine import cores, machine_info
 from bench.results import add_output_arguments, write_results
-from bench.serving import global_entry, photo_jpeg
+from bench.serving import RAW_POLICY, global_entry, photo_jpeg, raw_rate
+from service.runtimes.ort import OnnxRuntime
 
 PEERS_DIR = PROJECT_ROOT / ".venv-peers"
 LOADS = (1, 16)
+RAW = "raw onnxruntime, batch 1"
 BOUNDARY = "vitserve-bench-boundary"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 STARTUP_TIMEOUT_S = 300
@@ -133,9 +144,10 @@ def _load(name: str, url: str, body_file: Path, seconds: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15, help="duration of each hey run")
+    parser.add_argument("--seconds", type=float, default=10, help="duration of each hey run")
     parser.add_argument("--repository", type=Path, help="reuse bench.serving's exported repository")
     parser.add_argument("--peers", default=",".join(p.name for p in PEERS))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds visiting every server in turn")
     add_output_arguments(parser)
     args = parser.parse_args()
     if shutil.which("hey") is None:
@@ -152,23 +164,38 @@ def main() -> None:
         body = multipart(photo_jpeg(224))
         body_file = root / "body"
         body_file.write_bytes(body)
+        # name -> (start the server, its path); each one is started anew in every round
+        servers = {"vitserve": (lambda: vitserve(repository), "/v1/classify")} | {
+            peer.name: (
+                lambda peer=peer: peer_server(peer, entry.artifact, body, root / f"{peer.name}.log"),
+                peer.path,
+            )
+            for peer in peers
+        }
+        runtime = OnnxRuntime(entry, cores(), RAW_POLICY)
+        pixels = np.zeros((1, *entry.input_shape), np.float32)
         rows = []
-        with vitserve(repository) as server:
-            rows += _load("vitserve", f"{server.url}/v1/classify", body_file, args.seconds)
-        for peer in peers:
-            print(f"starting {peer.name}", file=sys.stderr)
-            with peer_server(peer, entry.artifact, body, root / f"{peer.name}.log") as server:
-                rows += _load(peer.name, f"{server.url}{peer.path}", body_file, args.seconds)
+        for round_index in range(args.rounds):
+            raw = raw_rate(lambda: runtime.run(pixels), 1, args.seconds / 2)
+            rows.append({"server": RAW, "round": round_index, "concurrency": 1, "img_per_s": round(raw, 2)})
+            for name, (start, path) in servers.items():
+                print(f"round {round_index + 1}: {name}", file=sys.stderr)
+                with start() as server:
+                    loads = _load(name, f"{server.url}{path}", body_file, args.seconds)
+                rows += [{**row, "round": round_index} for row in loads]
     versions = {p.name: _version(p) for p in peers}
     summary = {
-        f"{r['server']} c{r['concurrency']}": {"img_per_s": r["img_per_s"], "ms_p50": r["ms_p50"]}
-        for r in rows
+        f"{server} c{load}": {
+            key: round(median(r[key] for r in cells), 2) for key in ("img_per_s", "ms_p50") if key in cells[0]
+        }
+        for (server, load), cells in _cells(rows).items()
     }
     settings = {
         "model": entry.arch,
         "bucket": 224,
         "loads": LOADS,
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "peer_versions": versions,
         "peer_batching": {"max_batch_size": 8, "max_delay_ms": 2},
         "image": "skimage astronaut 224x224 JPEG, multipart field `image`",
@@ -179,17 +206,24 @@ def main() -> None:
     print(summary)
 
 
+def _cells(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Rows of every (server, concurrency), rounds in order."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["server"], row["concurrency"]), []).append(row)
+    return cells
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     from bench.plots import plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    servers = list(dict.fromkeys(r["server"] for r in rows))
+    cells = _cells(rows)
+    servers = list(dict.fromkeys(r["server"] for r in rows if r["server"] != RAW))
+    raw = median(r["img_per_s"] for r in cells[RAW, 1])
     width = 0.8 / len(LOADS)
     for index, load in enumerate(LOADS):
-        values = [
-            next(r["img_per_s"] for r in rows if r["server"] == s and r["concurrency"] == load)
-            for s in servers
-        ]
+        values = [median(r["img_per_s"] for r in cells[s, load]) for s in servers]
         xs = [n + (index - (len(LOADS) - 1) / 2) * width for n in range(len(servers))]
         bars = ax.bar(xs, values, width, label=f"concurrency {load}")
         for bar, value in zip(bars, values, strict=True):
@@ -200,8 +234,15 @@ def _plot(rows: list[dict], path: Path) -> None:
                 va="bottom",
             )
     ax.set_xticks(range(len(servers)), servers)
-    ax.set_ylabel("images / s")
-    ax.set_title("same ONNX file, same image and load: vitserve vs peers (one run)", fontsize=10)
+    ax.axhline(
+        raw,
+        color="tab:gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"raw batch 1, vitserve's runtime class ({raw:.1f})",
+    )
+    ax.set_ylabel("images / s (median of rounds)")
+    ax.set_title("same ONNX file, same image and load: vitserve vs peers (one run, rounds)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -98,22 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         "unit": "CPU ms per request, user + system, per thread group",
         "client": "sequential, one keep-alive connection",
     }
-    publish(
-        args.name,
-        machine,
-        run_settings,
-        rows,
-        summary,
-        args.output_dir,
-        lambda png: phase_bars(
-            rows,
-            GROUPS,
-            f"Server CPU per request by thread: {machine['cores']} cores, {machine['date'][:10]}",
-            png,
-            xlabel="CPU ms per request (user + system)",
-            unit="ms",
-        ),
-    )
+
+    def plot(png: Path) -> None:
+        title = f"Server CPU per request by thread: {machine['cores']} cores, {machine['date'][:10]}"
+        phase_bars(rows, GROUPS, title, png, xlabel="CPU ms per request (user + system)", unit="ms")
+
+    publish(args, machine, run_settings, rows, summary, plot)
 
 
 if __name__ == "__main__":

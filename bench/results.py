@@ -51,15 +51,16 @@ def write_results(
 
 
 def publish(
-    name: str,
+    output: argparse.Namespace,
     machine: Mapping[str, Any],
     settings: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
-    directory: Path,
     plot: Callable[[Path], None],
 ) -> list[Path]:
-    """`write_results`, then `plot(<directory>/<name>.png)`; prints the summary and the files written."""
+    """`write_results` as `output.name` under `output.output_dir` (the options `add_output_arguments`
+    adds), then `plot(<output_dir>/<name>.png)`; prints the summary and the files written."""
+    name, directory = output.name, output.output_dir
     paths = write_results(name, machine, settings, rows, summary, directory)
     png = directory / f"{name}.png"
     plot(png)
