@@ -157,7 +157,8 @@ class RoutingConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Servable:
-    """What the router knows of one (backbone, shape) before any request: its entry, tokens and cost."""
+    """What the router knows of one (backbone, shape) before any request: its entry, tokens and cost
+    (cost_ms: one image alone, from `cost`, so a route never interpolates it)."""
 
     model: str
     entry: str
@@ -166,6 +167,7 @@ class Servable:
     tokens: int
     flops: int
     cost: EntryCost
+    cost_ms: float
 
 
 class Geometry(NamedTuple):
@@ -291,7 +293,16 @@ class Router:
                 estimate = estimate_cost(configs[backbone.model], *shape)
                 cost = measured.get(entry) or estimated_cost(estimate.flops, backbone.seconds_per_gflop)
                 servables.append(
-                    Servable(backbone.model, entry, pool, shape, estimate.tokens, estimate.flops, cost)
+                    Servable(
+                        backbone.model,
+                        entry,
+                        pool,
+                        shape,
+                        estimate.tokens,
+                        estimate.flops,
+                        cost,
+                        cost.batch_seconds(1) * 1e3,
+                    )
                 )
         self.servables = tuple(servables)
         self._patch = configs[self.config.global_backbone.model].patch_size
@@ -378,7 +389,7 @@ class Router:
 
     @staticmethod
     def _candidate(servable: Servable, geometry: Geometry, wait_s: float, excluded: str | None) -> Candidate:
-        cost_ms = servable.cost.batch_seconds(1) * 1e3
+        cost_ms = servable.cost_ms
         return Candidate(
             model=servable.model,
             entry=servable.entry,
