@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     ort_share_weights: bool = Field(
         True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
     )
+    ort_prepacked_cache: Path | None = Field(
+        None,
+        description="Directory for optimized ONNX Runtime models with their pre-packed weights, written "
+        "once per artifact and CPU and mapped by every session: weights shared (by content, across shapes "
+        "and processes, from the page cache) and pre-packed. Overrides ORT_SHARE_WEIGHTS; unset: off.",
+    )
     ort_cpu_arena: bool = Field(
         False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
     )

@@ -72,12 +72,14 @@ def load_runtime(
     settings = settings or Settings()
     if kind == "onnxruntime":
         from service.runtimes.ort import OnnxRuntime
+        from service.runtimes.ort_prepacked import PrepackedCache
 
         return OnnxRuntime(
             entry,
             threads,
             spinning=settings.ort_spinning,
             share_weights=settings.ort_share_weights,
+            prepacked=PrepackedCache(settings.ort_prepacked_cache) if settings.ort_prepacked_cache else None,
             cpu_arena=settings.ort_cpu_arena,
             mem_pattern=settings.ort_mem_pattern,
             demand=demand,

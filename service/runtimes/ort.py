@@ -6,7 +6,8 @@ gateway runs one session per entry and one batch at a time per session), and the
 warmed up at load so the first request does not pay for kernel selection and allocation.
 
 Memory (README "Memory"): the sessions of one backbone share one copy of its weights
-(ort_weights.SharedWeights, `VITSERVE_ORT_SHARE_WEIGHTS`), and the CPU arena is off by default
+(ort_weights.SharedWeights, `VITSERVE_ORT_SHARE_WEIGHTS`), or, with `VITSERVE_ORT_PREPACKED_CACHE`,
+map one copy of its pre-packed weights from files written once (ort_prepacked), and the CPU arena is off by default
 (`VITSERVE_ORT_CPU_ARENA`): with one session per shape, per-session arenas each keep their peak
 activations for good, while without them large activation buffers go back to the system after
 each batch. ONNX Runtime's memory pattern (one block per run, planned from earlier runs) is off
@@ -19,11 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 
 from export.repository import ModelEntry
+from service.runtimes.ort_prepacked import PrepackedCache
 from service.runtimes.ort_weights import SharedWeights
 from service.settings import SpinningPolicy
 
@@ -81,6 +85,7 @@ class OnnxRuntime:
         spinning: SpinningPolicy = "off",
         *,
         share_weights: bool = True,
+        prepacked: PrepackedCache | None = None,
         cpu_arena: bool = False,
         mem_pattern: bool = False,
         demand: Callable[[], int] | None = None,
@@ -89,6 +94,7 @@ class OnnxRuntime:
             raise ValueError("the idle spinning policy needs demand(), the requests in flight")
         self.entry = entry
         self._threads, self._share_weights = threads, share_weights
+        self._model = self._mapped_model(prepacked) if prepacked else None
         self._cpu_arena, self._mem_pattern = cpu_arena, mem_pattern
         self._demand = demand if spinning == "idle" else None
         self.session = self._session(IDLE_SPINNING if spinning == "idle" else spinning)
@@ -109,10 +115,26 @@ class OnnxRuntime:
             options.add_session_config_entry(key, value)
         options.enable_cpu_mem_arena = self._cpu_arena
         options.enable_mem_pattern = self._mem_pattern
+        if self._model is not None:
+            return ort.InferenceSession(str(self._model), options, providers=available_providers())
         if self._share_weights:
             options.add_session_config_entry("session.disable_prepacking", "1")
             SHARED_WEIGHTS.attach(self.entry.artifact, options)
         return ort.InferenceSession(str(self.entry.artifact), options, providers=available_providers())
+
+    def _mapped_model(self, prepacked: PrepackedCache) -> Path | None:
+        """The entry's pre-packed model from `prepacked`, or None (weights as ORT_SHARE_WEIGHTS says)
+        when it cannot be written: a cache is an optimisation, never a reason not to serve."""
+        if available_providers()[0] != "CPUExecutionProvider":
+            return None
+        try:
+            return prepacked.model_for(self.entry.artifact)
+        except (OSError, OrtFail) as exc:
+            log.warning(
+                "pre-packed model cache unusable; loading the artifact itself",
+                extra={"model": self.entry.name, "cache": str(prepacked.directory), "reason": repr(exc)},
+            )
+            return None
 
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         busy = self._demand is not None and self._demand() > len(batch)
