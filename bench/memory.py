@@ -1,7 +1,10 @@
 """Resident memory of real vitserve gateways (`python -m service.cli serve`), read from /proc.
 
 Three measurements, each on servers started by `bench.http.vitserve` and read from the server's
-/proc/<pid>/status (VmRSS now, VmHWM its peak):
+/proc/<pid>/status (VmRSS now, VmHWM its peak; idle also splits VmRSS into RssAnon, private to the
+process, and RssFile, file pages such as mapped pre-packed weights, and adds Pss from
+/proc/<pid>/smaps_rollup: RSS counts a file page once per mapping, so 27 sessions mapping one weight
+file count it 27 times, while Pss counts each physical page once, shared among its mappings):
 
 - `shapes`: idle memory of a pool serving several shapes of one backbone (`--model` at
   `--buckets`, exported here), once per ONNX Runtime setting (weights shared or not, CPU arena on
@@ -64,11 +67,21 @@ MIB = 2**20
 
 
 def status_mib(pid: int) -> dict[str, float]:
-    """VmRSS (resident now) and VmHWM (peak resident) of process `pid`, in MiB."""
+    """VmRSS (resident now), VmHWM (peak resident), RssAnon and RssFile of process `pid`, in MiB."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return fields
+
+
+def pss_mib(pid: int) -> dict[str, float]:
+    """Proportional set size of process `pid` (Pss, Pss_Anon, Pss_File), in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Pss", "Pss_Anon", "Pss_File"):
             fields[key] = round(int(value.split()[0]) / 1024, 1)
     return fields
 
@@ -81,7 +94,8 @@ def reset_peak(pid: int) -> None:
 
 def _idle(server: Server) -> dict:
     time.sleep(IDLE_SETTLE_S)
-    return {f"idle_{k}_mib": v for k, v in status_mib(server.process.pid).items()}
+    pid = server.process.pid
+    return {f"idle_{k}_mib": v for k, v in (status_mib(pid) | pss_mib(pid)).items()}
 
 
 def _post(server: Server, path: str, body: bytes, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bytes]:

@@ -101,29 +101,34 @@ def phase_bars(
 
 def paired_bars(
     labels: Sequence[str],
-    pairs: Sequence[tuple[float, float]],
-    names: tuple[str, str],
+    groups: Sequence[Sequence[float]],
+    names: Sequence[str],
     ylabel: str,
     title: str,
     path: Path,
 ) -> None:
-    """Two bars per label (e.g. serving vs explanation), the second's ratio to the first above it."""
+    """One bar per name for each label (e.g. serving vs explanation), each later bar's ratio to the
+    first above it."""
     xs = list(range(len(labels)))
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(labels)), 4))
-    ax.bar([x - 0.2 for x in xs], [a for a, _ in pairs], 0.4, label=names[0])
-    bars = ax.bar([x + 0.2 for x in xs], [b for _, b in pairs], 0.4, label=names[1])
-    for bar, (first, second) in zip(bars, pairs, strict=True):
-        ax.annotate(
-            f"{second / first:.2f}x",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(labels) * len(names)), 4))
+    for i, name in enumerate(names):
+        offset = (i - (len(names) - 1) / 2) * width
+        bars = ax.bar([x + offset for x in xs], [group[i] for group in groups], width, label=name)
+        if i == 0:
+            continue
+        for bar, group in zip(bars, groups, strict=True):
+            ax.annotate(
+                f"{group[i] / group[0]:.2f}x",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

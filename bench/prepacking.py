@@ -1,13 +1,16 @@
-"""What sharing weights across an entry's sessions costs in speed (`VITSERVE_ORT_SHARE_WEIGHTS`).
+"""What sharing weights across an entry's sessions costs in speed (`VITSERVE_ORT_SHARE_WEIGHTS`),
+and what mapping pre-packed ones from a cache buys back (`VITSERVE_ORT_PREPACKED_CACHE`).
 
 The embedded runtime gives all sessions of a backbone one copy of its weights (README "Memory").
 ONNX Runtime's Python API cannot share pre-packed weights between sessions (the C API's
 PrepackedWeightsContainer is not exposed), so a shared weight must stay in its ONNX layout: the
 service turns pre-packing off (`session.disable_prepacking`), and MatMul and Gemm kernels then work
-from the plain layout on every run instead of the blocked one they pack once at load. This measures
-that cost: each entry in `--entries` at each batch in `--batches`, in the service's runtime class
+from the plain layout on every run instead of the blocked one they pack once at load. The prepacked
+cache (service.runtimes.ort_prepacked) maps the packed layouts ONNX Runtime saved once instead. This
+measures each entry in `--entries` at each batch in `--batches`, in the service's runtime class
 (`service.runtimes.ort.OnnxRuntime`, ONNX Runtime's default spinning) with shared weights (the
-default) and with private, pre-packed ones, every cell interleaved with every other (bench.timing).
+default), private pre-packed ones, and mapped pre-packed ones (cache built in `--cache`, a fresh
+temporary directory by default), every cell interleaved with every other (bench.timing).
 
     .venv/bin/python -m bench.prepacking --repository model_repository \
         [--entries vit_global_224 swin_windowed_448] [--batches 1 4] [--rounds 4 --seconds 8]
@@ -20,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
 
 import numpy as np
 
@@ -30,20 +35,33 @@ from bench.results import publish
 from bench.timing import STATISTIC, Runner, TimingPlan, add_run_arguments, noise, time_cells
 from export.repository import ModelEntry
 from service.runtimes.ort import OnnxRuntime
+from service.runtimes.ort_prepacked import PrepackedCache
 
-# setting name -> share_weights
-WEIGHTS = {"shared, not pre-packed (default)": True, "private, pre-packed": False}
+SHARED, PRIVATE, MAPPED = (
+    "shared, not pre-packed (default)",
+    "private, pre-packed",
+    "mapped, pre-packed (cache)",
+)
+
+
+def weight_settings(cache: Path) -> dict[str, dict[str, Any]]:
+    """Setting name -> OnnxRuntime keyword arguments."""
+    return {
+        SHARED: {"share_weights": True},
+        PRIVATE: {"share_weights": False},
+        MAPPED: {"prepacked": PrepackedCache(cache)},
+    }
 
 
 def latency_cells(
-    repository: Path, names: list[str], batches: list[int], threads: int
+    repository: Path, names: list[str], batches: list[int], threads: int, cache: Path
 ) -> dict[tuple, Runner]:
     """(entry, batch, setting) -> runner on the service's runtime class."""
 
     def weights(entry: ModelEntry) -> dict[str, Callable[[np.ndarray], Runner]]:
         runtimes = {
-            setting: OnnxRuntime(entry, threads, "always", share_weights=shared)
-            for setting, shared in WEIGHTS.items()
+            setting: OnnxRuntime(entry, threads, "always", **kwargs)
+            for setting, kwargs in weight_settings(cache).items()
         }
         return {setting: partial(_runner, runtime) for setting, runtime in runtimes.items()}
 
@@ -59,25 +77,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--entries", nargs="+", default=["vit_global_224", "swin_windowed_448"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    parser.add_argument(
+        "--cache", type=Path, help="pre-packed cache directory (default: a fresh temporary one)"
+    )
     add_run_arguments(parser, rounds=4, seconds=8.0, name="prepacking")
     args = parser.parse_args(argv)
     machine = machine_info("bench.prepacking")
     plan = TimingPlan(rounds=args.rounds, seconds=args.seconds, min_calls=2, first_warmup_calls=1)
-    timings = time_cells(latency_cells(args.repository, args.entries, args.batches, args.threads), plan)
+    with TemporaryDirectory(prefix="prepacked-") as scratch:
+        cells = latency_cells(
+            args.repository, args.entries, args.batches, args.threads, args.cache or Path(scratch)
+        )
+        timings = time_cells(cells, plan)
     rows = [
         {"entry": entry, "batch": batch, "weights": setting} | timing.summary(batch)
         for (entry, batch, setting), timing in timings.items()
     ]
-    shared, private = WEIGHTS
     ms = {(r["entry"], r["batch"], r["weights"]): r["ms_p50"] for r in rows}
-    keys = [(entry, batch) for entry, batch, setting in ms if setting == shared]
+    keys = [(entry, batch) for entry, batch, setting in ms if setting == SHARED]
     summary = {
-        "shared_vs_private_ms": {
-            f"{entry} batch {batch}": round(ms[entry, batch, shared] / ms[entry, batch, private], 3)
+        f"{label}_vs_private_ms": {
+            f"{entry} batch {batch}": round(ms[entry, batch, setting] / ms[entry, batch, PRIVATE], 3)
             for entry, batch in keys
-        },
-        "noise": noise(rows),
-    }
+        }
+        for label, setting in (("shared", SHARED), ("mapped", MAPPED))
+    } | {"noise": noise(rows)}
     run_settings = {
         "repository": str(args.repository),
         "entries": args.entries,
@@ -88,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     def plot(png: Path) -> None:
+        settings = (PRIVATE, SHARED, MAPPED)
         paired_bars(
             [f"{entry}\nbatch {batch}" for entry, batch in keys],
-            [(ms[entry, batch, private], ms[entry, batch, shared]) for entry, batch in keys],
-            (private, shared),
+            [tuple(ms[entry, batch, setting] for setting in settings) for entry, batch in keys],
+            settings,
             "ms per batch (p50)",
-            f"Shared weights (no pre-packing) vs private: {machine['cores']} threads, {machine['date'][:10]}",
+            f"Weights shared, private or mapped pre-packed: {machine['cores']} threads, {machine['date'][:10]}",
             png,
         )
 
