@@ -215,7 +215,7 @@ def _cells(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from bench.plots import plt
+    from bench.plots import label_bar, plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cells = _cells(rows)
@@ -227,12 +227,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         xs = [n + (index - (len(LOADS) - 1) / 2) * width for n in range(len(servers))]
         bars = ax.bar(xs, values, width, label=f"concurrency {load}")
         for bar, value in zip(bars, values, strict=True):
-            ax.annotate(
-                f"{value:.0f}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-            )
+            label_bar(ax, bar, f"{value:.0f}", fontsize=10)
     ax.set_xticks(range(len(servers)), servers)
     ax.axhline(
         raw,

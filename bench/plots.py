@@ -12,6 +12,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def label_bar(ax: Any, bar: Any, text: str, fontsize: int = 8) -> None:
+    """`text` centred above `bar`."""
+    ax.annotate(
+        text,
+        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ha="center",
+        va="bottom",
+        fontsize=fontsize,
+    )
+
+
 def runtime_bars(rows: Sequence[Mapping[str, Any]], runtimes: Sequence[str], title: str, path: Path) -> None:
     """Grouped bars: img/s of each runtime for each (model, batch), with the ratio to the first runtime."""
     groups = list(dict.fromkeys((row["model"], row["batch"]) for row in rows))
@@ -25,13 +36,7 @@ def runtime_bars(rows: Sequence[Mapping[str, Any]], runtimes: Sequence[str], tit
         bars = ax.bar(xs, heights, width, label=runtime)
         for bar, cell in zip(bars, cells, strict=True):
             if cell:
-                ax.annotate(
-                    f"{cell['speedup_vs_eager']:.2f}x",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
+                label_bar(ax, bar, f"{cell['speedup_vs_eager']:.2f}x", fontsize=7)
     labels = [f"{model.replace('_patch', chr(10) + 'patch', 1)}\nbatch {batch}" for model, batch in groups]
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_ylabel("images / s")
@@ -118,13 +123,7 @@ def paired_bars(
         if i == 0:
             continue
         for bar, group in zip(bars, groups, strict=True):
-            ax.annotate(
-                f"{group[i] / group[0]:.2f}x",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+            label_bar(ax, bar, f"{group[i] / group[0]:.2f}x")
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -18,6 +18,9 @@ pool at 224, every request decoded, routed, preprocessed, batched and post-proce
   comparing runs minutes apart would book against whichever configuration ran in a slow minute.
   Headline ratio per configuration = median over rounds.
 
+With `--prepacked-cache DIR`, raw and every server map pre-packed weights from that cache
+(`VITSERVE_ORT_PREPACKED_CACHE`) instead of sharing unpacked ones.
+
     .venv/bin/python -m bench.serving            # needs `hey` (apt-get install hey)
 """
 
@@ -44,6 +47,7 @@ from bench.results import write_results
 from bench.timing import TimingPlan, add_run_arguments, noise, time_cells
 from export.repository import ModelEntry, read_repository
 from service.runtimes.ort import OnnxRuntime
+from service.runtimes.ort_prepacked import PrepackedCache
 from service.settings import Settings, SpinningPolicy
 
 # The default repository's global backbone (Makefile GLOBAL_MODEL): the artifact users serve at 224.
@@ -107,6 +111,9 @@ def main() -> None:
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
+    parser.add_argument(
+        "--prepacked-cache", type=Path, help="map pre-packed weights from this cache (ORT_PREPACKED_CACHE)"
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
@@ -118,10 +125,13 @@ def main() -> None:
         entry = global_entry(repository, reuse=args.repository is not None)
         body = root / "photo.jpg"
         body.write_bytes(photo_jpeg(224))
-        raw = OnnxRuntime(entry, args.threads, RAW_POLICY)
+        cache = PrepackedCache(args.prepacked_cache) if args.prepacked_cache else None
+        raw = OnnxRuntime(entry, args.threads, RAW_POLICY, prepacked=cache)
         cells = {("raw", RAW_POLICY, b): _raw_runner(raw, b) for b in BATCHES}
         path = f"/v1/classify?route=global&bucket={entry.bucket}"
         settings = {"intra_op_threads": args.threads}
+        if args.prepacked_cache:
+            settings["ort_prepacked_cache"] = args.prepacked_cache
         with ExitStack() as stack:
             servers = {
                 name: stack.enter_context(vitserve(repository, {**settings, **values}))
@@ -165,6 +175,7 @@ def main() -> None:
         "load_rounds": args.load_rounds,
         "raw_seconds": args.raw_seconds,
         "threads": args.threads,
+        "prepacked_cache": str(args.prepacked_cache) if args.prepacked_cache else None,
         "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
     }
     for written in write_results(args.name, machine, run_settings, rows, summary, args.output_dir):
@@ -202,7 +213,7 @@ def _loaded(rows: list[dict], config: str, concurrency: int) -> list[dict]:
 
 
 def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
-    from bench.plots import plt
+    from bench.plots import label_bar, plt
 
     fig, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 4.8))
     raw = [r for r in rows if r["path"] == "raw"]
@@ -214,13 +225,7 @@ def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
             colors.append(f"C{index}")
     bars = throughput.bar(range(len(values)), values, color=colors)
     for bar, value in zip(bars, values, strict=True):
-        throughput.annotate(
-            f"{value:.2f}",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
+        label_bar(throughput, bar, f"{value:.2f}", fontsize=7)
     throughput.axhline(0.9, color="tab:red", linestyle="--", linewidth=1, label="budget 0.9")
     throughput.set_xticks(range(len(values)), labels, fontsize=7)
     throughput.set_ylabel("HTTP img/s / raw best batch img/s just before (median of rounds)")
@@ -233,13 +238,7 @@ def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
     ]
     bars = latency.bar(range(len(alone)), alone, color=["tab:gray", *(f"C{i}" for i in range(len(configs)))])
     for bar, value in zip(bars, alone, strict=True):
-        latency.annotate(
-            f"{value:.1f}",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+        label_bar(latency, bar, f"{value:.1f}")
     latency.axhline(single["ms_p50"] + 2, color="tab:red", linestyle="--", linewidth=1, label="raw + 2 ms")
     latency.set_xticks(range(len(alone)), names, fontsize=8)
     latency.set_ylabel("ms p50 (quietest round)")
