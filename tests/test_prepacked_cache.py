@@ -2,12 +2,13 @@
 
 The cache must answer what the artifact answers, keep its packed layouts (else it is just a slower
 copy), give the shapes of a backbone the same weight files, reuse what it wrote, and never stop the
-service from serving when it cannot be written. These tests run ONNX Runtime on artifacts exported here.
+service from serving when it cannot be written or read back. These tests run ONNX Runtime on artifacts exported here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,22 @@ def test_an_unwritable_cache_falls_back_to_the_artifact(
     image = np.zeros((1, *entry.input_shape), dtype=np.float32)
     with caplog.at_level(logging.WARNING, logger="service.runtimes.ort"):
         served = OnnxRuntime(entry, 1, "off", prepacked=PrepackedCache(blocker)).run(image)
+    assert "pre-packed model cache unusable" in caplog.text
+    reference = OnnxRuntime(entry, 1, "off").run(image)
+    np.testing.assert_allclose(served["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_cache_falls_back_to_the_artifact(
+    photo_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = read_entry(photo_repository / "vit_global_224")
+    cache = PrepackedCache(tmp_path)
+    cache.model_for(entry.artifact)
+    largest = max(cache.directory.glob("*.bin"), key=lambda path: path.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    image = np.zeros((1, *entry.input_shape), dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="service.runtimes.ort"):
+        served = OnnxRuntime(entry, 1, "off", prepacked=cache).run(image)
     assert "pre-packed model cache unusable" in caplog.text
     reference = OnnxRuntime(entry, 1, "off").run(image)
     np.testing.assert_allclose(served["logits"], reference["logits"], rtol=1e-5, atol=1e-5)

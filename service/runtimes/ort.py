@@ -7,10 +7,10 @@ warmed up at load so the first request does not pay for kernel selection and all
 
 Memory (README "Memory"): the sessions of one backbone share one copy of its weights
 (ort_weights.SharedWeights, `VITSERVE_ORT_SHARE_WEIGHTS`), or, with `VITSERVE_ORT_PREPACKED_CACHE`,
-map one copy of its pre-packed weights from files written once (ort_prepacked), and the CPU arena is off by default
-(`VITSERVE_ORT_CPU_ARENA`): with one session per shape, per-session arenas each keep their peak
-activations for good, while without them large activation buffers go back to the system after
-each batch. ONNX Runtime's memory pattern (one block per run, planned from earlier runs) is off
+map one copy of its pre-packed weights from files written once (ort_prepacked); the CPU arena is
+off by default (`VITSERVE_ORT_CPU_ARENA`): with one session per shape, per-session arenas each keep
+their peak activations for good, while without them large activation buffers go back to the system
+after each batch. ONNX Runtime's memory pattern (one block per run, planned from earlier runs) is off
 too (`VITSERVE_ORT_MEM_PATTERN`): measured no slower at ViT-S 224, faster on Swin-T from 448 up, and
 lower at native 2048 (README "Memory").
 """
@@ -94,7 +94,8 @@ class OnnxRuntime:
             raise ValueError("the idle spinning policy needs demand(), the requests in flight")
         self.entry = entry
         self._threads, self._share_weights = threads, share_weights
-        self._model = self._mapped_model(prepacked) if prepacked else None
+        self._prepacked = prepacked
+        self._model = self._mapped_model() if prepacked else None
         self._cpu_arena, self._mem_pattern = cpu_arena, mem_pattern
         self._demand = demand if spinning == "idle" else None
         self.session = self._session(IDLE_SPINNING if spinning == "idle" else spinning)
@@ -116,25 +117,32 @@ class OnnxRuntime:
         options.enable_cpu_mem_arena = self._cpu_arena
         options.enable_mem_pattern = self._mem_pattern
         if self._model is not None:
-            return ort.InferenceSession(str(self._model), options, providers=available_providers())
+            try:
+                return ort.InferenceSession(str(self._model), options, providers=available_providers())
+            except OrtFail as exc:
+                self._cache_unusable(exc)
         if self._share_weights:
             options.add_session_config_entry("session.disable_prepacking", "1")
             SHARED_WEIGHTS.attach(self.entry.artifact, options)
         return ort.InferenceSession(str(self.entry.artifact), options, providers=available_providers())
 
-    def _mapped_model(self, prepacked: PrepackedCache) -> Path | None:
-        """The entry's pre-packed model from `prepacked`, or None (weights as ORT_SHARE_WEIGHTS says)
-        when it cannot be written: a cache is an optimisation, never a reason not to serve."""
+    def _mapped_model(self) -> Path | None:
+        """The entry's pre-packed model from the cache, or None (weights as ORT_SHARE_WEIGHTS says)
+        when it cannot be written or read: a cache is an optimisation, never a reason not to serve."""
         if available_providers()[0] != "CPUExecutionProvider":
             return None
         try:
-            return prepacked.model_for(self.entry.artifact)
+            return self._prepacked.model_for(self.entry.artifact)
         except (OSError, OrtFail) as exc:
-            log.warning(
-                "pre-packed model cache unusable; loading the artifact itself",
-                extra={"model": self.entry.name, "cache": str(prepacked.directory), "reason": repr(exc)},
-            )
+            self._cache_unusable(exc)
             return None
+
+    def _cache_unusable(self, exc: Exception) -> None:
+        log.warning(
+            "pre-packed model cache unusable; loading the artifact itself",
+            extra={"model": self.entry.name, "cache": str(self._prepacked.directory), "reason": repr(exc)},
+        )
+        self._model = None
 
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         busy = self._demand is not None and self._demand() > len(batch)

@@ -34,6 +34,7 @@ MIN_EXTERNAL_BYTES = 1024
 PAGE = 4096
 PACKED_PREFIX = "prepacked_"
 SAVE_CONFIG = {
+    "session.optimized_model_external_initializers_file_name": "model.data",
     "session.optimized_model_external_initializers_min_size_in_bytes": str(MIN_EXTERNAL_BYTES),
     "session.save_external_prepacked_constant_initializers": "1",
 }
@@ -67,9 +68,6 @@ class PrepackedCache:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.optimized_model_filepath = str(scratch / "model.onnx")
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", "model.data"
-        )
         for key, value in SAVE_CONFIG.items():
             options.add_session_config_entry(key, value)
         ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
@@ -147,9 +145,10 @@ def _build_key() -> str:
     """ONNX Runtime version and CPU: what the optimized graph and the packed layouts depend on."""
     cpu = platform.machine()
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu += next((line for line in info.splitlines() if line.startswith("flags")), "")
-        cpu += next((line for line in info.splitlines() if line.startswith("model name")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu += "".join(
+            next((line for line in lines if line.startswith(key)), "") for key in ("flags", "model name")
+        )
     except OSError:
         cpu += platform.processor()
     return f"ort-{ort.__version__}-{hashlib.blake2b(cpu.encode(), digest_size=6).hexdigest()}"
