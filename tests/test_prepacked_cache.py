@@ -2,7 +2,8 @@
 
 The cache must answer what the artifact answers, keep its packed layouts (else it is just a slower
 copy), give the shapes of a backbone the same weight files, reuse what it wrote, and never stop the
-service from serving when it cannot be written or read back. These tests run ONNX Runtime on artifacts exported here.
+service from serving when it cannot be written or read back. These tests run ONNX Runtime on
+artifacts exported here.
 """
 
 from __future__ import annotations
