@@ -65,6 +65,8 @@ REQUEST_TIMEOUT_S = 30.0
 ANSWERED_AROUND_RESTARTS = 20
 POOLS = 2
 GATEWAYS = 2
+# The gateway's pools, both served by every pool replica through one endpoint list.
+GATEWAY_POOLS = ("global", "windowed")
 # The killed pool holds a lone batch this long in its queue (after a batch of two, see
 # support.server.prime_batch_of_two): far longer than the test needs to kill it.
 SLOW_QUEUE_MS = 20_000
@@ -104,7 +106,7 @@ class Tier:
             "gateway",
             repository=self.repository,
             runtime="triton",
-            triton_urls=f"global={address},windowed={address}",
+            triton_urls=",".join(f"{pool}={address}" for pool in GATEWAY_POOLS),
             endpoint_refresh_s=REFRESH_S,
             request_timeout_ms=REQUEST_TIMEOUT_S * 1000,
             **settings,
@@ -139,11 +141,21 @@ def backend(server: ServerProcess) -> Backend:
     return str(urlsplit(server.url).hostname), server.port
 
 
-def knows(gateway: ServerProcess, pool: ServerProcess) -> bool:
-    """Whether the gateway still has `pool` among its endpoints (a removed one keeps its series
-    until its last batch in flight returns)."""
+def listing(gateway: ServerProcess, pool: ServerProcess) -> set[str]:
+    """The gateway's pools (GATEWAY_POOLS) that still have `pool` among their endpoints (a removed one
+    keeps its series until its last batch in flight returns). Each pool re-reads the endpoint list on
+    its own schedule, so one may list a replica while the other does not yet, or no longer."""
     samples = scrape_metrics(gateway.url).samples
-    return any(n == "vitserve_pool_endpoint_inflight" and ("replica", pool.url) in ls for n, ls in samples)
+    return {
+        dict(labels)["pool"]
+        for name, labels in samples
+        if name == "vitserve_pool_endpoint_inflight" and ("replica", pool.url) in labels
+    }
+
+
+def knows(gateway: ServerProcess, pool: ServerProcess) -> bool:
+    """Whether every pool of the gateway lists `pool`, so requests of either backbone can reach it."""
+    return listing(gateway, pool) == set(GATEWAY_POOLS)
 
 
 class Load:
@@ -240,7 +252,7 @@ class Rollout:
         return all(knows(g, pool) for g in self.gateways)
 
     def unlisted(self, pool: ServerProcess) -> bool:
-        return not any(knows(g, pool) for g in self.gateways)
+        return not any(listing(g, pool) for g in self.gateways)
 
     def replace_pool(self, old: ServerProcess, new: ServerProcess) -> None:
         """Publish `new`; once every gateway lists it, unpublish and retire `old`."""
