@@ -15,18 +15,24 @@ COPY service service
 RUN pip install .
 
 # Export the default repositories at build time so the image serves out of the box; mount a
-# volume at /models to serve your own checkpoints instead. /models holds fp32 entries for the CPU
-# (vitserve's embedded ONNX Runtime); /models-gpu the same backbones and buckets in fp16 with their
+# volume at /models to serve your own checkpoints instead. The backbones and shapes are the
+# Makefile's defaults (`make export`, README "Shapes"; tests/test_deploy.py holds the two equal), and
+# build arguments override them as make's variables do. /models holds fp32 entries for the CPU
+# (vitserve's embedded ONNX Runtime); /models-gpu the same backbones and shapes in fp16 with their
 # Triton instances on the GPU, for the gpu overlay's Triton pools (and its gateway, which reads the
 # same configs). Precision and placement are separate flags: fp16 alone would still leave placement
 # to Triton.
 FROM base AS repository
-RUN vitserve export --model vit_tiny_patch16_224 --name vit_global --buckets 224,384 --repository /models \
-    && vitserve export --model swin_tiny_patch4_window7_224 --name swin_windowed --buckets 448,672,896,1344 \
+ARG GLOBAL_MODEL=vit_small_patch16_224
+ARG GLOBAL_BUCKETS=224,384x128,336x144,288x160,256x192,192x256,160x288,144x336,128x384
+ARG WINDOWED_MODEL=swin_tiny_patch4_window7_224
+ARG WINDOWED_BUCKETS=448,896,756x252,700x308,588x336,532x392,392x532,336x588,308x700,252x756,1568x532,1372x588,1204x672,1008x756,756x1008,672x1204,588x1372,532x1568
+RUN vitserve export --model "$GLOBAL_MODEL" --name vit_global --buckets "$GLOBAL_BUCKETS" --repository /models \
+    && vitserve export --model "$WINDOWED_MODEL" --name swin_windowed --buckets "$WINDOWED_BUCKETS" \
        --repository /models
-RUN vitserve export --model vit_tiny_patch16_224 --name vit_global --buckets 224,384 \
+RUN vitserve export --model "$GLOBAL_MODEL" --name vit_global --buckets "$GLOBAL_BUCKETS" \
        --precision fp16 --instance-kind gpu --repository /models-gpu \
-    && vitserve export --model swin_tiny_patch4_window7_224 --name swin_windowed --buckets 448,672,896,1344 \
+    && vitserve export --model "$WINDOWED_MODEL" --name swin_windowed --buckets "$WINDOWED_BUCKETS" \
        --precision fp16 --instance-kind gpu --repository /models-gpu
 
 FROM base

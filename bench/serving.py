@@ -18,8 +18,13 @@ pool at 224, every request decoded, routed, preprocessed, batched and post-proce
   comparing runs minutes apart would book against whichever configuration ran in a slow minute.
   Headline ratio per configuration = median over rounds.
 
-With `--prepacked-cache DIR`, raw and every server map pre-packed weights from that cache
-(`VITSERVE_ORT_PREPACKED_CACHE`) instead of sharing unpacked ones.
+Weights (`--weights`): "shared" shares one unpacked copy of the weights across sessions
+(ORT_SHARE_WEIGHTS, the default); "mapped" maps pre-packed weights from a cache
+(`VITSERVE_ORT_PREPACKED_CACHE`, `--prepacked-cache`, default a temporary directory). Every
+configuration is a spinning policy with one weights setting, all served at once and timed in the
+same interleaved rounds, and each has its raw baseline on the same weights: raw cells run per
+weights setting, and a configuration's c1 overhead and c16/c64 ratios are taken against the raw
+runtime with its weights.
 
     .venv/bin/python -m bench.serving            # needs `hey` (apt-get install hey)
 """
@@ -37,6 +42,7 @@ from pathlib import Path
 from statistics import median
 from typing import get_args
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -57,6 +63,7 @@ BATCHES = (1, 4, 8, 16, 32)
 LOADS = (16, 64)
 POLICIES = get_args(SpinningPolicy)
 RAW_POLICY = "always"
+WEIGHTS = ("shared", "mapped")
 DEFAULT_POLICY = Settings.model_fields["ort_spinning"].default
 
 
@@ -111,13 +118,21 @@ def main() -> None:
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
+    parser.add_argument("--weights", default="shared", help=f"weights settings served: {','.join(WEIGHTS)}")
     parser.add_argument(
-        "--prepacked-cache", type=Path, help="map pre-packed weights from this cache (ORT_PREPACKED_CACHE)"
+        "--prepacked-cache", type=Path, help="the mapped weights' cache (default: a temporary directory)"
     )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
-    configs = {policy: {"ort_spinning": policy} for policy in args.policies.split(",")}
+    weights = args.weights.split(",")
+    if unknown := set(weights) - set(WEIGHTS):
+        sys.exit(f"unknown --weights {sorted(unknown)}: choose from {','.join(WEIGHTS)}")
+    configs = {
+        f"{policy}-{w}": {"ort_spinning": policy, "weights": w}
+        for w in weights
+        for policy in args.policies.split(",")
+    }
     machine = machine_info("bench.serving")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -125,18 +140,35 @@ def main() -> None:
         entry = global_entry(repository, reuse=args.repository is not None)
         body = root / "photo.jpg"
         body.write_bytes(photo_jpeg(224))
-        cache = PrepackedCache(args.prepacked_cache) if args.prepacked_cache else None
-        raw = OnnxRuntime(entry, args.threads, RAW_POLICY, prepacked=cache)
-        cells = {("raw", RAW_POLICY, b): _raw_runner(raw, b) for b in BATCHES}
+        cache_dir = args.prepacked_cache or root / "prepacked"
+        server_weights = {"shared": {}, "mapped": {"ort_prepacked_cache": cache_dir}}
+        raws = {
+            w: OnnxRuntime(
+                entry,
+                args.threads,
+                RAW_POLICY,
+                prepacked=PrepackedCache(cache_dir) if w == "mapped" else None,
+            )
+            for w in weights
+        }
+        cells = {("raw", w, b): _raw_runner(raw, b) for w, raw in raws.items() for b in BATCHES}
         path = f"/v1/classify?route=global&bucket={entry.bucket}"
         settings = {"intra_op_threads": args.threads}
-        if args.prepacked_cache:
-            settings["ort_prepacked_cache"] = args.prepacked_cache
         with ExitStack() as stack:
             servers = {
-                name: stack.enter_context(vitserve(repository, {**settings, **values}))
+                name: stack.enter_context(
+                    vitserve(
+                        repository,
+                        {
+                            **settings,
+                            "ort_spinning": values["ort_spinning"],
+                            **server_weights[values["weights"]],
+                        },
+                    )
+                )
                 for name, values in configs.items()
             }
+            batch_limits = {name: _batch_limit(server, entry.name) for name, server in servers.items()}
             clients = {
                 name: SequentialClient(server, path, body.read_bytes()) for name, server in servers.items()
             }
@@ -144,23 +176,29 @@ def main() -> None:
             timings = time_cells(cells, TimingPlan(rounds=args.rounds, seconds=args.seconds))
             for client in clients.values():
                 client.close()
-            best = max(BATCHES, key=lambda b: timings["raw", RAW_POLICY, b].summary(b)["img_per_s"])
+            best = {
+                w: max(BATCHES, key=lambda b, w=w: timings["raw", w, b].summary(b)["img_per_s"])
+                for w in weights
+            }
             loads = []
             for load_round in range(args.load_rounds):
                 for name, server in servers.items():
+                    w = configs[name]["weights"]
                     for c in LOADS:
-                        raw_img_per_s = raw_rate(cells["raw", RAW_POLICY, best], best, args.raw_seconds)
+                        raw_img_per_s = raw_rate(cells["raw", w, best[w]], best[w], args.raw_seconds)
                         loaded = hey(server.url + path, body, c, args.load_seconds)
                         loads.append(
                             {"path": "http", "config": name, "round": load_round, **loaded}
-                            | {"raw_batch": best, "raw_img_per_s": round(raw_img_per_s, 2)}
+                            | {"raw_batch": best[w], "raw_img_per_s": round(raw_img_per_s, 2)}
                             | {"over_raw": round(loaded["img_per_s"] / raw_img_per_s, 3)}
                         )
     rows = [
         {"path": kind, "config": config, "batch": batch, **timings[kind, config, batch].summary(batch)}
         for kind, config, batch in cells
     ] + loads
-    summary = _summary(rows, tuple(configs))
+    summary = _summary(rows, configs)
+    for name, limit in batch_limits.items():
+        summary["configs"][name]["batch_limit"] = limit
     run_settings = {
         "model": GLOBAL_MODEL,
         "bucket": 224,
@@ -175,32 +213,51 @@ def main() -> None:
         "load_rounds": args.load_rounds,
         "raw_seconds": args.raw_seconds,
         "threads": args.threads,
-        "prepacked_cache": str(args.prepacked_cache) if args.prepacked_cache else None,
+        "weights": weights,
         "image": "skimage astronaut resized to 224x224 JPEG, forced to route=global&bucket=224",
     }
     for written in write_results(args.name, machine, run_settings, rows, summary, args.output_dir):
         print(f"wrote {written}", file=sys.stderr)
-    _plot(rows, tuple(configs), args.output_dir / f"{args.name}.png")
+    _plot(rows, configs, args.output_dir / f"{args.name}.png")
     print(summary)
 
 
-def _summary(rows: list[dict], configs: tuple[str, ...]) -> dict:
-    raw = [r for r in rows if r["path"] == "raw"]
-    best = max(raw, key=lambda r: r["img_per_s"])
-    single = next(r for r in raw if r["batch"] == 1)
+def _batch_limit(server, entry: str) -> int:
+    """The batch limit start-up calibration gave `entry` (GET /v1/models): it drives c16 and c64."""
+    models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["models"]
+    return next(m["max_batch_size"] for m in models if m["name"] == entry)
+
+
+def _raw(rows: list[dict], weights: str) -> list[dict]:
+    return [r for r in rows if r["path"] == "raw" and r["config"] == weights]
+
+
+def _alone(rows: list[dict], config: str) -> dict:
+    return next(r for r in rows if r["path"] == "http" and r["config"] == config and r.get("batch") == 1)
+
+
+def _summary(rows: list[dict], configs: dict[str, dict]) -> dict:
+    raw = {}
+    for w in dict.fromkeys(values["weights"] for values in configs.values()):
+        cells = _raw(rows, w)
+        best = max(cells, key=lambda r: r["img_per_s"])
+        single = next(r for r in cells if r["batch"] == 1)
+        raw[w] = {
+            "best": {"batch": best["batch"], "img_per_s": best["img_per_s"]},
+            "batch1_ms_p50": single["ms_p50"],
+        }
     per_config = {}
-    for config in configs:
-        alone = next(r for r in rows if r["path"] == "http" and r["config"] == config and r.get("batch") == 1)
+    for config, values in configs.items():
+        alone = _alone(rows, config)
         loaded = {c: _loaded(rows, config, c) for c in LOADS}
         per_config[config] = {
             "concurrency1_ms_p50": alone["ms_p50"],
-            "concurrency1_overhead_ms": round(alone["ms_p50"] - single["ms_p50"], 2),
+            "concurrency1_overhead_ms": round(alone["ms_p50"] - raw[values["weights"]]["batch1_ms_p50"], 2),
             **{f"c{c}_img_per_s": round(median(r["img_per_s"] for r in loaded[c]), 2) for c in LOADS},
             **{f"c{c}_over_raw_best": round(median(r["over_raw"] for r in loaded[c]), 3) for c in LOADS},
         }
     return {
-        "raw_best": {"batch": best["batch"], "img_per_s": best["img_per_s"]},
-        "raw_batch1_ms_p50": single["ms_p50"],
+        "raw": raw,
         "configs": per_config,
         "default_policy": DEFAULT_POLICY,
         "noise": noise([r for r in rows if "round_spread" in r]),
@@ -212,11 +269,11 @@ def _loaded(rows: list[dict], config: str, concurrency: int) -> list[dict]:
     return [r for r in rows if r.get("config") == config and r.get("concurrency") == concurrency]
 
 
-def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
+def _plot(rows: list[dict], configs: dict[str, dict], path: Path) -> None:
+    """Left: c16/c64 over raw per configuration; right: c1 p50 against raw batch 1 on its weights."""
     from bench.plots import label_bar, plt
 
     fig, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 4.8))
-    raw = [r for r in rows if r["path"] == "raw"]
     labels, values, colors = [], [], []
     for index, config in enumerate(configs):
         for c in LOADS:
@@ -230,21 +287,21 @@ def _plot(rows: list[dict], configs: tuple[str, ...], path: Path) -> None:
     throughput.set_xticks(range(len(values)), labels, fontsize=7)
     throughput.set_ylabel("HTTP img/s / raw best batch img/s just before (median of rounds)")
     throughput.legend(fontsize=8)
-    single = next(r for r in raw if r["batch"] == 1)
-    names = ["raw batch 1", *(f"HTTP c1\n{p}" for p in configs)]
-    alone = [single["ms_p50"]] + [
-        next(r["ms_p50"] for r in rows if r["path"] == "http" and r["config"] == p and r.get("batch") == 1)
-        for p in configs
-    ]
-    bars = latency.bar(range(len(alone)), alone, color=["tab:gray", *(f"C{i}" for i in range(len(configs)))])
+    weights = list(dict.fromkeys(v["weights"] for v in configs.values()))
+    singles = {w: next(r["ms_p50"] for r in _raw(rows, w) if r["batch"] == 1) for w in weights}
+    names = [*(f"raw batch 1\n{w}" for w in weights), *(f"HTTP c1\n{c}" for c in configs)]
+    alone = [*singles.values(), *(_alone(rows, c)["ms_p50"] for c in configs)]
+    colors = ["tab:gray"] * len(weights) + [f"C{i}" for i in range(len(configs))]
+    bars = latency.bar(range(len(alone)), alone, color=colors)
     for bar, value in zip(bars, alone, strict=True):
         label_bar(latency, bar, f"{value:.1f}")
-    latency.axhline(single["ms_p50"] + 2, color="tab:red", linestyle="--", linewidth=1, label="raw + 2 ms")
+    for w, single in singles.items():
+        latency.axhline(single + 2, color="tab:red", linestyle="--", linewidth=1, label=f"raw {w} + 2 ms")
     latency.set_xticks(range(len(alone)), names, fontsize=8)
     latency.set_ylabel("ms p50 (quietest round)")
     latency.legend(fontsize=8)
     fig.suptitle(
-        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy (one run)",
+        f"{GLOBAL_MODEL} at 224: HTTP /v1/classify vs raw ONNX Runtime, by spinning policy and weights (one run)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -1,15 +1,17 @@
 """Calibrated cost of each repository entry: seconds per batch, by batch size.
 
 The router weighs candidates by these seconds and each batcher's batch limit is the size with the
-best measured throughput (not the largest that fits: on CPU a large batch is often slower per
-image than a medium one, because its activations leave the caches).
+best measured throughput as served (not the largest that fits: on CPU a large batch is often slower
+per image than a medium one, because its activations leave the caches). As served: each batch also
+costs the service `BATCH_OVERHEAD_S` beyond its run, so a small entry whose runs cost the same per
+image at batch 1 and 4 serves more at 4.
 
 Sources, in order, named in every route as `cost_source`:
 - "calibration file": `VITSERVE_CALIBRATION`, YAML `{entry: {batch: seconds}}`, e.g. from a
   benchmark run or from a previous start-up (`vitserve serve` writes what it measured to
   `VITSERVE_CALIBRATION_OUT` when set);
 - "measured at start-up": each local entry is timed on its real runtime, batch 1, 2, 4, ... while
-  throughput still grows by `GAIN` and one run stays under `max_run_s` (so the largest shapes are
+  served throughput still grows by `GAIN` and one run stays under `max_run_s` (so the largest shapes are
   measured at batch 1 only and start-up stays bounded);
 - "estimated from FLOPs": remote entries nothing measured, at `seconds_per_gflop`.
 """
@@ -29,6 +31,11 @@ FILE = "calibration file"
 ESTIMATED = "estimated from FLOPs"
 # Throughput must grow by this factor for a doubled batch to be worth its latency.
 GAIN = 1.05
+# What a batch costs the service beyond its run under load: the hops that hand it to its executor
+# thread and its results back to the event loop, and the wake-ups of the busy session's workers.
+# Measured with ViT-S 224 on 2 cores at c16 (AMD EPYC, bench.serving's setup, 2026-12-04): batch-1
+# runs took 24.5 ms in the server against 21.4 ms raw, and ONNX Runtime was busy 94% of the time.
+BATCH_OVERHEAD_S = 0.003
 # One ONNX Runtime CPU core-second does roughly this many GFLOPs on the machines measured (bench/).
 DEFAULT_SECONDS_PER_GFLOP = 0.005
 TIMED_RUNS = 2
@@ -65,10 +72,10 @@ class EntryCost:
 
     @property
     def best_batch(self) -> int:
-        """The measured batch size with the best throughput; a larger one must beat it by `GAIN`."""
+        """The measured batch size with the best served throughput; a larger one must beat it by `GAIN`."""
         best = min(self.seconds)
         for batch in sorted(self.seconds):
-            if batch / self.seconds[batch] >= GAIN * best / self.seconds[best]:
+            if served_rate(batch, self.seconds[batch]) >= GAIN * served_rate(best, self.seconds[best]):
                 best = batch
         return best
 
@@ -76,6 +83,11 @@ class EntryCost:
         """Time to run `items` queued images in batches of at most `rows`."""
         full, rest = divmod(items, rows)
         return full * self.batch_seconds(rows) + (self.batch_seconds(rest) if rest else 0.0)
+
+
+def served_rate(batch: int, seconds: float) -> float:
+    """Images per second the service gets from batches of `batch` that run for `seconds` each."""
+    return batch / (seconds + BATCH_OVERHEAD_S)
 
 
 def estimated_cost(flops: int, seconds_per_gflop: float | None) -> EntryCost:
@@ -99,8 +111,8 @@ def measure(
             run(data)
             timings.append(time.perf_counter() - started)
         seconds[batch] = min(timings)
-        best = max(b / s for b, s in seconds.items() if b < batch) if batch > 1 else 0.0
-        if seconds[batch] > max_run_s or batch / seconds[batch] < best * GAIN:
+        best = max(served_rate(b, s) for b, s in seconds.items() if b < batch) if batch > 1 else 0.0
+        if seconds[batch] > max_run_s or served_rate(batch, seconds[batch]) < best * GAIN:
             break
         batch *= 2
     return EntryCost(seconds, MEASURED)

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RuntimeKind = Literal["onnxruntime", "torch", "triton"]
 SpinningPolicy = Literal["idle", "off", "run", "always"]
+# What turns an optional directory setting off from the environment, where None cannot be written.
+OFF = ("", "off", "none")
 
 
 class Settings(BaseSettings):
@@ -113,10 +115,11 @@ class Settings(BaseSettings):
         True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
     )
     ort_prepacked_cache: Path | None = Field(
-        None,
+        default_factory=lambda: user_cache_dir() / "prepacked",
         description="Directory for optimized ONNX Runtime models with their pre-packed weights, written "
         "once per artifact and CPU and mapped by every session: weights shared (by content, across shapes "
-        "and processes, from the page cache) and pre-packed. Overrides ORT_SHARE_WEIGHTS; unset: off.",
+        "and processes, from the page cache) and pre-packed. Overrides ORT_SHARE_WEIGHTS; 'off' (or empty) "
+        "turns it off; a directory that cannot be written falls back to ORT_SHARE_WEIGHTS with a warning.",
     )
     ort_cpu_arena: bool = Field(
         False, description="ONNX Runtime CPU memory arena per session (keeps each session's peak for good)."
@@ -192,6 +195,11 @@ class Settings(BaseSettings):
     def decoders(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
 
+    @field_validator("ort_prepacked_cache", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in OFF else value
+
     @field_validator("runtimes", "triton_urls")
     @classmethod
     def _check_mapping(cls, value: str, info: ValidationInfo) -> str:
@@ -210,6 +218,11 @@ class Settings(BaseSettings):
     def triton_url_for(self, *names: str) -> str | None:
         """The pool URL of the first of `names` (entry, backbone, pool) listed in `triton_urls`."""
         return _first(parse_mapping(self.triton_urls, "triton_urls"), names)
+
+
+def user_cache_dir() -> Path:
+    """vitserve's per-user cache: $XDG_CACHE_HOME/vitserve, else ~/.cache/vitserve (outside any repository)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitserve"
 
 
 def parse_mapping(text: str, field: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,20 @@ from torch import nn
 from support.digits import DigitsData, load_digits_images, train_digits_model
 from support.repos import DigitsRepository, build_digits_repository, build_photo_repository
 from support.server import ServerProcess, running_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prepacked_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default ORT_PREPACKED_CACHE (on) in a directory of this session, not the user's ~/.cache:
+    every gateway and pool the tests start, in process or not, maps pre-packed weights from it."""
+    directory = tmp_path_factory.mktemp("prepacked")
+    before = os.environ.get("VITSERVE_ORT_PREPACKED_CACHE")
+    os.environ["VITSERVE_ORT_PREPACKED_CACHE"] = str(directory)
+    yield directory
+    if before is None:
+        del os.environ["VITSERVE_ORT_PREPACKED_CACHE"]
+    else:
+        os.environ["VITSERVE_ORT_PREPACKED_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

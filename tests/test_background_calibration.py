@@ -97,7 +97,7 @@ def test_calibration_file_costs_are_used_from_the_start_and_never_remeasured(
     """Entries in VITSERVE_CALIBRATION keep the file's costs in either mode; each batch limit is the
     file's best batch (batch 2 here: batch 4 does not pay for its latency)."""
     costs = {
-        entry.name: EntryCost({1: 0.010, 2: 0.015, 4: 0.030}, FILE)
+        entry.name: EntryCost({1: 0.010, 2: 0.015, 4: 0.034}, FILE)
         for entry in read_repository(photo_repository)
     }
     path = tmp_path / "calibration.yaml"

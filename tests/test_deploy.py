@@ -25,6 +25,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from tritonclient.grpc import model_config_pb2
 
 from export.pipeline import entry_spec
+from export.shapes import as_shape
 from export.triton_config import build_model_config
 from models import estimate_cost
 from models.registry import get_config
@@ -154,15 +155,13 @@ class Backbone:
 @cache
 def image_backbones() -> dict[str, Backbone]:
     """The backbones the Dockerfile exports into /models, and the pool the router sends each to."""
-    text = (ROOT / "Dockerfile").read_text()
-    found = re.findall(r"vitserve export --model (\S+) --name (\S+) --buckets (\S+)", text)
-    assert found, "the Dockerfile exports no named backbone into /models"
     backbones = {}
-    for model, name, buckets in found:
-        kinds = tuple(dict.fromkeys(get_config(model).attention_kinds))
-        largest = max(int(b) for b in buckets.split(","))
+    for args in dockerfile_exports()["/models"]:
+        kinds = tuple(dict.fromkeys(get_config(args.model).attention_kinds))
         pool = "global" if kinds == GLOBAL_ATTENTION else "windowed"
-        backbones[name] = Backbone(name, pool, estimate_cost(model, largest, largest).tokens)
+        tokens = max(estimate_cost(args.model, *as_shape(spec)).tokens for spec in args.buckets)
+        backbones[args.name] = Backbone(args.name, pool, tokens)
+    assert backbones, "the Dockerfile exports no named backbone into /models"
     return backbones
 
 
@@ -469,10 +468,12 @@ def test_pools_run_on_the_overlay_backend(overlay: str) -> None:
 def dockerfile_exports() -> dict[str, list[argparse.Namespace]]:
     """Repository path -> the `vitserve export` invocations the Dockerfile writes into it, as the CLI parses them."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    build_args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.MULTILINE))
     parser = build_parser()
     exports: dict[str, list[argparse.Namespace]] = {}
     for command in re.findall(r"vitserve (export [^&\n]+)", text):
-        args = parser.parse_args(shlex.split(command))
+        expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: build_args[m.group(1)], command)
+        args = parser.parse_args(shlex.split(expanded))
         exports.setdefault(str(args.repository), []).append(args)
     return exports
 
@@ -509,6 +510,22 @@ def test_gpu_overlay_serves_fp16_entries_placed_on_the_gpu(overlay: str) -> None
     assert cpu_repository != {gateway_repository}, "cpu pools must not serve the fp16 GPU repository"
     for args in dockerfile_exports()[cpu_repository.pop()]:
         assert args.precision == "fp32", f"the CPU repository's {args.name} is {args.precision}"
+
+
+def test_the_image_holds_the_default_repository_of_make_export() -> None:
+    """The image serves what `make serve` does: the Makefile's backbones at the Makefile's shapes."""
+    defaults = dict(re.findall(r"^(\w+) \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
+    expected = {
+        ("vit_global", defaults["GLOBAL_MODEL"], defaults["GLOBAL_BUCKETS"]),
+        ("swin_windowed", defaults["WINDOWED_MODEL"], defaults["WINDOWED_BUCKETS"]),
+    }
+    parser = build_parser()
+    expected_args = {
+        (name, model, parser.parse_args(["export", "--model", model, "--buckets", buckets]).buckets)
+        for name, model, buckets in expected
+    }
+    for repository, invocations in dockerfile_exports().items():
+        assert {(a.name, a.model, a.buckets) for a in invocations} == expected_args, repository
 
 
 def test_both_repositories_hold_the_same_backbones_and_buckets() -> None:

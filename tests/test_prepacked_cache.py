@@ -19,8 +19,10 @@ import onnxruntime as ort
 import pytest
 
 from export.repository import read_entry
+from service.runtimes import load_runtime
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.ort_prepacked import PACKED_PREFIX, PrepackedCache
+from service.settings import Settings
 from support.server import encode_image, running_server
 
 ENTRIES = ("swin_windowed_448", "swin_windowed_896", "vit_global_224", "vit_global_192x256")
@@ -117,7 +119,10 @@ def test_the_gateway_serves_from_the_cache_it_writes(photo_repository: Path, tmp
     cache = tmp_path / "prepacked"
     body = encode_image(np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8))
     answers = {}
-    for name, settings in {"cache": {"ort_prepacked_cache": cache}, "artifact": {}}.items():
+    for name, settings in {
+        "cache": {"ort_prepacked_cache": cache},
+        "artifact": {"ort_prepacked_cache": "off"},
+    }.items():
         with running_server(tmp_path / name, repository=photo_repository, **settings) as server:
             response = httpx.post(
                 f"{server.url}/v1/embed", content=body, headers={"content-type": "image/png"}, timeout=60
@@ -130,3 +135,23 @@ def test_the_gateway_serves_from_the_cache_it_writes(photo_repository: Path, tmp
     np.testing.assert_allclose(
         answers["cache"]["embedding"], answers["artifact"]["embedding"], rtol=1e-4, atol=1e-4
     )
+
+
+def test_the_cache_is_on_by_default_in_the_user_cache(
+    photo_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unset, the setting is $XDG_CACHE_HOME/vitserve/prepacked (outside the repository, which Triton
+    reads); 'off' turns it off, and the runtime then loads the artifact itself."""
+    monkeypatch.delenv("VITSERVE_ORT_PREPACKED_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    default = Settings()
+    assert default.ort_prepacked_cache == tmp_path / "vitserve" / "prepacked"
+    entry = read_entry(photo_repository / "vit_global_224")
+    load_runtime("onnxruntime", entry, 1, default, demand=lambda: 0)
+    assert len(list((tmp_path / "vitserve" / "prepacked").glob("*/*.onnx"))) == 1
+    for off in ("off", ""):
+        monkeypatch.setenv("VITSERVE_ORT_PREPACKED_CACHE", off)
+        assert Settings().ort_prepacked_cache is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    load_runtime("onnxruntime", entry, 1, Settings(), demand=lambda: 0)
+    assert not (tmp_path / "elsewhere").exists()

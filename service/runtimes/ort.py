@@ -46,9 +46,11 @@ SHARED_WEIGHTS = SharedWeights()
 #   fastest for back-to-back runs in an otherwise idle process and takes CPU from the gateway's
 #   decode and HTTP threads under load.
 # - "idle" (the default): "always" while the batch is all the work the process has (no request is
-#   in flight beside the batch's rows), "off" otherwise: each entry then has a second, non-spinning
-#   session, built the first time a batch runs beside other work. bench.serving measured `always`
-#   fastest at concurrency 1 and `off` fastest under load (README "Benchmarks").
+#   in flight beside the batch's rows), "run" otherwise: each entry then has a second session that
+#   stops spinning when its run ends, built the first time a batch runs beside other work.
+#   bench.serving measured `always` fastest at concurrency 1 and `run` fastest under load; `off`,
+#   the busy session's policy before, served 0.8x what `run` did at c16 with mapped weights (README
+#   "Benchmarks").
 SPIN_DURATION_US = 200
 SPINNING_CONFIG: dict[str, dict[str, str]] = {
     "off": {"session.intra_op.allow_spinning": "0"},
@@ -60,7 +62,7 @@ SPINNING_CONFIG: dict[str, dict[str, str]] = {
     "always": {"session.intra_op.allow_spinning": "1"},
 }
 # "idle": the session that runs lone batches, and the one that runs batches beside other work.
-IDLE_SPINNING, BUSY_SPINNING = "always", "off"
+IDLE_SPINNING, BUSY_SPINNING = "always", "run"
 
 
 def available_providers() -> list[str]:
@@ -72,10 +74,11 @@ class OnnxRuntime:
     """One InferenceSession per repository entry (two with the "idle" spinning policy).
 
     With "idle", `demand()` is the number of requests the process is serving now: a batch whose rows
-    are all of them runs on the spinning session; one that runs while other requests are decoded,
-    queued or computed runs on a session that never spins, built in the background the first time
-    it is needed (the batch that asked runs on the spinning one meanwhile), so an entry that never
-    sees concurrent load holds one session.
+    are all of them runs on the always-spinning session; one that runs while other requests are
+    decoded, queued or computed runs on a session whose workers stop spinning when its run ends, so
+    they leave the cores to that work between batches. That session is built in the background the
+    first time it is needed (the batch that asked runs on the spinning one meanwhile), so an entry
+    that never sees concurrent load holds one session.
     """
 
     def __init__(
@@ -153,7 +156,7 @@ class OnnxRuntime:
         return {"logits": logits, "embedding": embedding}
 
     def _busy_session(self) -> ort.InferenceSession:
-        """The non-spinning session once built; until then the spinning one, after starting the build."""
+        """The busy session once built; until then the spinning one, after starting the build."""
         with self._busy_lock:
             if self._busy is None and not self._busy_started:
                 self._busy_started = True
@@ -166,7 +169,7 @@ class OnnxRuntime:
             self._run(session, np.zeros((1, *self.entry.input_shape), dtype=np.float32))
         except Exception as exc:
             log.warning(
-                "non-spinning session failed; every batch keeps the spinning one",
+                "busy session failed; every batch keeps the spinning one",
                 extra={"model": self.entry.name, "reason": repr(exc)},
             )
             return
@@ -174,7 +177,7 @@ class OnnxRuntime:
 
     @property
     def busy_session(self) -> ort.InferenceSession | None:
-        """The non-spinning session batches beside other work run on ("idle" policy), once built."""
+        """The session batches beside other work run on ("idle" policy), once built."""
         return self._busy
 
     def describe(self) -> str:
