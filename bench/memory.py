@@ -7,7 +7,7 @@ process, and RssFile, file pages such as mapped pre-packed weights, and adds Pss
 file count it 27 times, while Pss counts each physical page once, shared among its mappings):
 
 - `shapes`: idle memory of a pool serving several shapes of one backbone (`--model` at
-  `--buckets`, exported here), once per ONNX Runtime setting (weights shared or not, CPU arena on
+  `--buckets`, exported here), once per ONNX Runtime setting (weights mapped, shared or private, CPU arena on
   or off). Idle is after readiness: every session loaded, warmed up and calibrated.
 - `default` (issue 8 "Memory"): the repository `make export` builds (`--repository`), default
   settings: idle Pss (bound 1.5 GB), then the peak Pss while one 2048x2048 JPEG with `detail=full`
@@ -19,7 +19,7 @@ file count it 27 times, while Pss counts each physical page once, shared among i
   the same repository with a small `VITSERVE_MAX_QUEUE_BYTES`, `--clients` threads posting large
   JPEGs with `detail=full` and a long deadline for `--flood-seconds`. It passes when 429s appear
   and the peak stays under the bound of deploy/README.md "Memory limits", here for a gateway that
-  runs its pools in-process: idle RSS + what the server keeps after its first two overlapping
+  runs its pools in-process, all in Pss: idle + what the server keeps after its first two overlapping
   requests (the flood entry's second (busy) session, which ONNX Runtime's "idle" spinning policy
   builds then, and the heap glibc keeps from their batches) + pools x MAX_QUEUE_BYTES + decode in
   flight (pools x decode threads x MAX_PIXELS x 3 bytes) + the activations of one batch at the
@@ -163,10 +163,10 @@ def _after_overlap(server: Server, body: bytes, idle_mib: float) -> float:
         thread.start()
     for thread in threads:
         thread.join()
-    previous, settled = -1.0, status_mib(server.process.pid)["VmRSS"]
+    previous, settled = -1.0, pss_mib(server.process.pid)["Pss"]
     while abs(settled - previous) > 1:
         time.sleep(IDLE_SETTLE_S)
-        previous, settled = settled, status_mib(server.process.pid)["VmRSS"]
+        previous, settled = settled, pss_mib(server.process.pid)["Pss"]
     return max(0.0, settled - idle_mib)
 
 
@@ -235,7 +235,7 @@ def measure_default(repository: Path) -> dict:
 
 
 def _flood(server: Server, body: bytes, clients: int, seconds: float) -> tuple[Counter, float]:
-    """`clients` threads posting `body` back to back for `seconds`; statuses and the largest VmRSS seen."""
+    """`clients` threads posting `body` back to back for `seconds`; statuses and the largest Pss seen."""
     statuses: Counter = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -257,8 +257,8 @@ def _flood(server: Server, body: bytes, clients: int, seconds: float) -> tuple[C
         thread.start()
     largest = 0.0
     while any(t.is_alive() for t in threads):
-        largest = max(largest, status_mib(server.process.pid)["VmRSS"])
-        time.sleep(0.2)
+        largest = max(largest, pss_mib(server.process.pid)["Pss"])
+        time.sleep(PEAK_SAMPLE_S)
         if time.monotonic() > deadline + REQUEST_TIMEOUT_S:
             raise RuntimeError(f"flood clients still waiting {REQUEST_TIMEOUT_S} s after the flood ended")
     return statuses, largest
@@ -274,13 +274,13 @@ def measure_flood(
     with vitserve(repository, settings, STARTUP_TIMEOUT_S) as server:
         idle = _idle(server)
         one = _one_request(server, body)
-        overlap_mib = _after_overlap(server, body, idle["idle_VmRSS_mib"])
+        overlap_mib = _after_overlap(server, body, idle["idle_Pss_mib"])
         batch_limit = _batch_limits(server)[one["entry"]]
-        statuses, largest = _flood(server, body, clients, seconds)
-        peak = status_mib(server.process.pid)["VmHWM"]
+        statuses, peak = _flood(server, body, clients, seconds)
+        hwm = status_mib(server.process.pid)["VmHWM"]
     decode_mib = POOLS * defaults.decoders() * defaults.max_pixels * 3 / MIB
-    activations_mib = max(0.0, one["peak_VmHWM_mib"] - idle["idle_VmRSS_mib"]) * batch_limit
-    bound = idle["idle_VmRSS_mib"] + overlap_mib + POOLS * budget_mib + decode_mib + activations_mib
+    activations_mib = max(0.0, one["peak_Pss_mib"] - idle["idle_Pss_mib"]) * batch_limit
+    bound = idle["idle_Pss_mib"] + overlap_mib + POOLS * budget_mib + decode_mib + activations_mib
     return {
         "measurement": "flood",
         "image": f"{size[0]}x{size[1]} JPEG ({len(body)} bytes), detail=full",
@@ -291,13 +291,13 @@ def measure_flood(
         "entry": one["entry"],
         "shape": one["shape"],
         "entry_batch_limit": batch_limit,
-        "one_request_peak_mib": one["peak_VmHWM_mib"],
+        "one_request_peak_Pss_mib": one["peak_Pss_mib"],
         "statuses": dict(statuses),
-        "largest_VmRSS_mib": largest,
-        "peak_VmHWM_mib": peak,
+        "peak_Pss_mib": peak,
+        "peak_VmHWM_mib": hwm,
         "bound_mib": round(bound, 1),
         "bound_terms_mib": {
-            "idle": idle["idle_VmRSS_mib"],
+            "idle": idle["idle_Pss_mib"],
             "kept_after_overlap": round(overlap_mib, 1),
             "queue_budget": POOLS * budget_mib,
             "decode_in_flight": round(decode_mib, 1),
@@ -320,10 +320,11 @@ def _summary(rows: list[Mapping]) -> dict:
             summary["detail_full_2048_within_4GiB"] = row["peak_within_4GiB"]
         elif row["measurement"] == "flood":
             summary["flood_statuses"] = row["statuses"]
-            summary["flood_peak_mib"] = row["peak_VmHWM_mib"]
+            summary["flood_peak_pss_mib"] = row["peak_Pss_mib"]
             summary["flood_bound_mib"] = row["bound_mib"]
             summary["flood_429_before_bound"] = row["429_before_bound"]
         else:
+            summary.setdefault("shapes_idle_pss_mib", {})[row["config"]] = row.get("idle_Pss_mib")
             summary.setdefault("shapes_idle_rss_mib", {})[row["config"]] = row.get("idle_VmRSS_mib")
     return summary
 

@@ -141,7 +141,10 @@ def main() -> None:
         body = root / "photo.jpg"
         body.write_bytes(photo_jpeg(224))
         cache_dir = args.prepacked_cache or root / "prepacked"
-        server_weights = {"shared": {}, "mapped": {"ort_prepacked_cache": cache_dir}}
+        server_weights = {
+            "shared": {"ort_prepacked_cache": "off"},
+            "mapped": {"ort_prepacked_cache": cache_dir},
+        }
         raws = {
             w: OnnxRuntime(
                 entry,
