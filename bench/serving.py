@@ -298,8 +298,8 @@ def _plot(rows: list[dict], configs: dict[str, dict], path: Path) -> None:
     bars = latency.bar(range(len(alone)), alone, color=colors)
     for bar, value in zip(bars, alone, strict=True):
         label_bar(latency, bar, f"{value:.1f}")
-    for w, single in singles.items():
-        latency.axhline(single + 2, color="tab:red", linestyle="--", linewidth=1, label=f"raw {w} + 2 ms")
+    for (w, single), style in zip(singles.items(), ("--", ":"), strict=False):
+        latency.axhline(single + 2, color="tab:red", linestyle=style, linewidth=1, label=f"raw {w} + 2 ms")
     latency.set_xticks(range(len(alone)), names, fontsize=8)
     latency.set_ylabel("ms p50 (quietest round)")
     latency.legend(fontsize=8)
