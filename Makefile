@@ -113,6 +113,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.attention
 	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; }
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.batch_limit
 
 # Peer frameworks for bench.peers, each in its own environment (not part of `make test`).
 PEERS_VENV := .venv-peers

@@ -33,9 +33,10 @@ ESTIMATED = "estimated from FLOPs"
 GAIN = 1.05
 # What a batch costs the service beyond its run under load: the hops that hand it to its executor
 # thread and its results back to the event loop, and the wake-ups of the busy session's workers.
-# Measured with ViT-S 224 on 2 cores at c16 (AMD EPYC, bench.serving's setup, 2026-12-04): batch-1
-# runs took 24.5 ms in the server against 21.4 ms raw, and ONNX Runtime was busy 94% of the time.
-BATCH_OVERHEAD_S = 0.003
+# Measured with ViT-S 224 on 2 cores at c16 (AMD EPYC, 2026-12-04): a served batch took about 4 ms
+# plus 2.5 ms per image longer than its raw run (bench/results/batch-limit.json, limits 1 and 4; the
+# per-image part, decoding and HTTP beside the run, is the same for every limit and left out here).
+BATCH_OVERHEAD_S = 0.004
 # One ONNX Runtime CPU core-second does roughly this many GFLOPs on the machines measured (bench/).
 DEFAULT_SECONDS_PER_GFLOP = 0.005
 TIMED_RUNS = 2
