@@ -143,7 +143,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...])
             f"--{name.replace('_', '-')}",
             dest=name,
             default=None,
-            help=f"{field.description} [env VITSERVE_{name.upper()}, default {field.default}]",
+            help=f"{field.description} [env VITSERVE_{name.upper()}, default {field.get_default(call_default_factory=True)}]",
         )
 
 

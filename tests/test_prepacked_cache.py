@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from export.repository import read_entry
+from service.cli import build_parser
 from service.runtimes import load_runtime
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.ort_prepacked import PACKED_PREFIX, PrepackedCache
@@ -155,3 +156,16 @@ def test_the_cache_is_on_by_default_in_the_user_cache(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
     load_runtime("onnxruntime", entry, 1, Settings(), demand=lambda: 0)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_serve_help_names_the_default_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A default computed at start (the user's cache) is shown as the directory, like every other default."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert f"VITSERVE_ORT_PREPACKED_CACHE, default {tmp_path / 'vitserve' / 'prepacked'}]" in text
+    assert "PydanticUndefined" not in text
