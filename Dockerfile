@@ -39,7 +39,8 @@ FROM base
 RUN useradd --create-home --uid 10001 vitserve
 COPY --from=repository --chown=vitserve /models /models
 COPY --from=repository --chown=vitserve /models-gpu /models-gpu
-USER vitserve
+# By uid, so Kubernetes can check runAsNonRoot without resolving the name (hadolint DL3066).
+USER 10001
 ENV VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=8000 \
     VITSERVE_REPOSITORY=/models

@@ -5,7 +5,7 @@ Baseline: the served runtime itself (`service.runtimes.ort.OnnxRuntime`) on the 
 spinning ("always", the fastest raw path): its best img/s, and its batch-1 latency.
 
 Served: one `vitserve serve` process per ONNX Runtime spinning policy (`VITSERVE_ORT_SPINNING`
-idle / off / run / always), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
+idle / off / run / always) and weights setting (below), answering POST /v1/classify with a 224x224 JPEG photo forced to the global
 pool at 224, every request decoded, routed, preprocessed, batched and post-processed:
 
 - concurrency 1: a sequential client (one keep-alive connection, one request at a time, see

