@@ -29,7 +29,7 @@ import httpx
 from bench.http import hey, vitserve
 from bench.machine import cores, machine_info
 from bench.results import add_output_arguments, write_results
-from bench.serving import LOADS, global_entry, photo_jpeg
+from bench.serving import LOADS, prepare
 from service.calibration import EntryCost, write_calibration
 
 LIMITS = (1, 2, 4, 8)
@@ -64,10 +64,7 @@ def main() -> None:
     machine = machine_info("bench.batch_limit")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repository = args.repository or root / "repository"
-        entry = global_entry(repository, reuse=args.repository is not None)
-        body = root / "photo.jpg"
-        body.write_bytes(photo_jpeg(224))
+        repository, entry, body = prepare(root, args.repository)
         path = f"/v1/classify?route=global&bucket={entry.bucket}"
         with ExitStack() as stack:
             servers = {}

@@ -90,6 +90,17 @@ def global_entry(root: Path, reuse: bool) -> ModelEntry:
     return found[0]
 
 
+def prepare(root: Path, repository: Path | None) -> tuple[Path, ModelEntry, Path]:
+    """The repository (`repository`, else exported under `root`), its global 224 entry, and the
+    224x224 JPEG photo every request sends, written under `root`."""
+    reuse = repository is not None
+    repository = repository or root / "repository"
+    entry = global_entry(repository, reuse=reuse)
+    body = root / "photo.jpg"
+    body.write_bytes(photo_jpeg(224))
+    return repository, entry, body
+
+
 def raw_rate(run, batch: int, seconds: float) -> float:
     """Images per second of back-to-back `run()` calls of `batch` images for `seconds`."""
     run()
@@ -136,10 +147,7 @@ def main() -> None:
     machine = machine_info("bench.serving")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repository = args.repository or root / "repository"
-        entry = global_entry(repository, reuse=args.repository is not None)
-        body = root / "photo.jpg"
-        body.write_bytes(photo_jpeg(224))
+        repository, entry, body = prepare(root, args.repository)
         cache_dir = args.prepacked_cache or root / "prepacked"
         server_weights = {
             "shared": {"ort_prepacked_cache": "off"},
