@@ -16,15 +16,17 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
+
 from export.repository import ModelEntry, read_repository
 from export.shapes import Shape, shape_name
 from service.batcher import Batcher, BatcherGroup, RunBatch
-from service.calibration import MEASURED, EntryCost, measure, read_calibration, write_calibration
+from service.calibration import MEASURED, EntryCost, ServedCosts, measure, read_calibration, write_calibration
 from service.lifecycle import ModelLifecycle
 from service.metrics import Metrics
 from service.process_memory import release_freed_memory
@@ -63,6 +65,9 @@ class ServingState:
 
     backbones: dict[str, dict[Shape, ModelEntry]] = field(default_factory=dict)
     costs: dict[str, EntryCost] = field(default_factory=dict)
+    # How much longer than calibrated served batches run; the router and queue waits use the product.
+    served: ServedCosts = field(default_factory=ServedCosts, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     lifecycle: ModelLifecycle | None = None
     # The task measuring entries after start-up (VITSERVE_CALIBRATION_MODE=background), else None.
     background_calibration: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -107,7 +112,9 @@ class ServingState:
         if self.router is None:
             return
         try:
-            self.router = build_router(list(self.entries.values()), self.settings, self.costs)
+            self.router = build_router(
+                list(self.entries.values()), self.settings, self.served.corrected(self.costs)
+            )
         except StartupError as exc:
             log.warning("routing kept", extra={"reason": str(exc)})
 
@@ -131,7 +138,7 @@ class ServingState:
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
         threads = settings.threads()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.endpoints = EndpointRegistry(
             settings.endpoint_concurrency,
             settings.endpoint_refresh_s,
@@ -155,7 +162,7 @@ class ServingState:
                 await loop.run_in_executor(None, self.calibrate, entry, self.runtimes[entry.name])
             self._write_calibration()
         if self.router is not None:
-            self.router = build_router(entries, settings, self.costs)
+            self.router = build_router(entries, settings, self.served.corrected(self.costs))
         self.batchers = BatcherGroup(self.metrics, settings.max_queue_bytes)
         self.lifecycle = ModelLifecycle(self)
         for entry in entries:
@@ -200,7 +207,7 @@ class ServingState:
         concurrency = self._concurrency(entry)
         self._decoder(self.pool_of(entry))
         batcher = self.batchers.add(
-            run_batch,
+            self._served_batches(entry.name, run_batch),
             model=entry.name,
             pool=self.pool_of(entry),
             bucket=entry.bucket,
@@ -257,9 +264,25 @@ class ServingState:
         cost = self.costs.get(entry.name)
         return entry.max_batch_size if cost is None else min(entry.max_batch_size, cost.best_batch)
 
+    def _served_batches(self, name: str, run_batch: RunBatch) -> RunBatch:
+        """`run_batch`, timed: each batch corrects the entry's cost (ServedCosts), and a correction
+        that moved enough rebuilds the router on the event loop (batches run on executor threads)."""
+
+        def timed(batch: np.ndarray, deadline: float | None) -> Mapping[str, np.ndarray]:
+            started = time.perf_counter()
+            outputs = run_batch(batch, deadline)
+            cost = self.costs.get(name)
+            seconds = time.perf_counter() - started
+            if cost is not None and self.served.observe(name, cost, len(batch), seconds) and self._loop:
+                self._loop.call_soon_threadsafe(self._rebuild_router)
+            return outputs
+
+        return timed
+
     def pool_waits(self) -> dict[str, float]:
-        """Expected seconds before a new request of each pool starts: the calibrated time of the work
-        queued and running there. Local entries of a pool share its cores, so their work adds up."""
+        """Expected seconds before a new request of each pool starts: the served time (calibrated,
+        corrected by ServedCosts) of the work queued and running there. Local entries of a pool
+        share its cores, so their work adds up."""
         waits: dict[str, float] = defaultdict(float)
         if self.batchers is None:
             return waits
@@ -267,8 +290,10 @@ class ServingState:
             cost = self.costs.get(batcher.model)
             items = batcher.pending_tokens // batcher.tokens_per_item
             if cost is not None and items:
-                waits[batcher.pool] += cost.work_seconds(items, batcher.rows) / self._concurrency(
-                    self.entries[batcher.model]
+                waits[batcher.pool] += (
+                    cost.work_seconds(items, batcher.rows)
+                    * self.served.factor(batcher.model)
+                    / self._concurrency(self.entries[batcher.model])
                 )
         return waits
 

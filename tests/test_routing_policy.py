@@ -15,7 +15,7 @@ import pytest
 from export import read_repository
 from export.shapes import ASPECT_CLASSES, as_shape, aspect_ladder, parse_shape
 from models.cost import estimate_cost
-from service.calibration import EntryCost, read_calibration, write_calibration
+from service.calibration import EntryCost, ServedCosts, read_calibration, write_calibration
 from service.router import MAX_PADDING, MAX_UPSCALE, BackboneRoute, Router, RoutingConfig
 
 # ONNX Runtime on the 2-core development VM runs Swin-T at about 1.4x the FLOP rate of ViT-S (bench/).
@@ -223,3 +223,18 @@ def test_the_photo_repository_holds_aspect_ratio_shapes_as_triton_entries(photo_
     text = (landscape.path / "config.pbtxt").read_text()
     assert f"dims: {landscape.shape[0]}\n  dims: {landscape.shape[1]}" in text
     assert f'string_value: "{landscape.shape[0]}x{landscape.shape[1]}"' in text
+
+
+def test_served_costs_learn_how_much_longer_batches_run_than_calibrated():
+    cost = EntryCost({1: 0.100, 2: 0.180}, "measured at start-up")
+    served = ServedCosts()
+    moved = [served.observe("e", cost, 2, 0.270) for _ in range(30)]
+    assert moved[0], "a first batch 1.5x its calibrated time is a move worth re-planning for"
+    assert served.factor("e") == pytest.approx(1.5, rel=1e-3)
+    corrected = served.corrected({"e": cost, "idle": cost})
+    assert corrected["e"].batch_seconds(1) == pytest.approx(0.150, rel=1e-3)
+    assert corrected["e"].source == cost.source and corrected["idle"] == cost
+    assert not served.observe("e", cost, 2, 0.270), "applied and unchanged: no re-plan"
+    for _ in range(30):
+        served.observe("e", cost, 1, 100.0)  # one pathological batch after another
+    assert served.factor("e") == pytest.approx(ServedCosts.BOUNDS[1], rel=1e-2)

@@ -9,11 +9,15 @@ waits (bounded in polls) for the router to see the queue, then checks what it de
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
-from support.server import ServerProcess, encode_image, scrape_metrics
+from export.repository import read_repository
+from service.calibration import FILE, EntryCost, write_calibration
+from support.server import ServerProcess, encode_image, running_server, scrape_metrics
 
 SIDE = 896
 FLOOD = 48
@@ -79,3 +83,38 @@ def test_a_saturated_windowed_queue_degrades_detail_and_says_so(photo_server: Se
     # Counted once, in the pool that served it; the full-detail flood itself was never degraded.
     assert delta.value("vitserve_route_degraded_total", pool=served["pool"]) == 1
     assert sum(delta.series("vitserve_route_degraded_total").values()) == 1
+
+
+def test_served_batches_correct_costs_calibration_set_too_low(photo_repository: Path, tmp_path: Path) -> None:
+    """Calibration says every batch takes 0.5 ms; served batches take longer, and the router learns it:
+    the expected time of the entry that served them grows towards what they took (ServedCosts, at
+    most 4x), while an entry that served nothing keeps the file's cost."""
+    file_ms = 0.5
+    entries = [e.name for e in read_repository(photo_repository)]
+    calibration = tmp_path / "calibration.yaml"
+    write_calibration(calibration, {name: EntryCost({1: file_ms / 1e3}, FILE) for name in entries})
+    image = _gradient(224)
+    params = {"width": 224, "height": 224, "route": "global", "bucket": 224}
+    with running_server(tmp_path / "server", repository=photo_repository, calibration=calibration) as server:
+
+        def candidates() -> dict[str, dict]:
+            route = httpx.get(f"{server.url}/v1/route", params=params).json()
+            return {c["entry"]: c for c in route["candidates"]}
+
+        before = candidates()
+        served = next(name for name, c in before.items() if c["excluded"] is None)
+        for _ in range(12):
+            answer = httpx.post(
+                f"{server.url}/v1/classify",
+                params={"route": "global", "bucket": 224},
+                content=image,
+                headers={"content-type": "image/png"},
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+        after = candidates()
+    assert before[served]["cost_ms"] == pytest.approx(file_ms)
+    assert after[served]["cost_ms"] > 1.5 * file_ms, after[served]
+    assert after[served]["cost_source"] == FILE
+    untouched = next(name for name in after if not name.startswith(served.rsplit("_", 1)[0]))
+    assert after[untouched]["cost_ms"] == pytest.approx(before[untouched]["cost_ms"])
