@@ -5,7 +5,7 @@
 - The ONNX Runtime spinning policy reaches the session: "run" spins between operators but stops at
   the end of every run, "off" never spins, "always" keeps ONNX Runtime's default, and "idle" (the
   default) runs a batch that is all the work in flight on an always-spinning session and any other
-  batch on one that stops spinning when its run ends ("run"), built the first time it is needed.
+  batch on one that stops spinning when its run ends ("run"), both built at load.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from export import read_repository
 from service import api_repository, api_v1, api_v2
 from service.runtimes.ort import SPINNING_CONFIG, OnnxRuntime
 from service.settings import Settings
-from support.server import wait_until
 
 ROUTERS = (api_v1.router, api_v2.router, api_repository.router)
 ROUTES = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
@@ -79,19 +78,19 @@ def test_idle_spinning_spins_only_for_a_batch_that_is_all_the_work_in_flight(pho
     entry = min(read_repository(photo_repository), key=lambda e: e.tokens)
     in_flight = [1]
     runtime = OnnxRuntime(entry, threads=2, spinning="idle", demand=lambda: in_flight[0])
+    assert runtime.busy_session is not None, "the busy session is built at load, not on the first overlap"
     assert not _stops_spinning(runtime.session)
+    assert _stops_spinning(runtime.busy_session)
     image = np.random.default_rng(0).standard_normal((2, *entry.input_shape), dtype=np.float32)
     in_flight[0] = 2
+    assert runtime.session_for(2) is runtime.session, "a batch holding every request in flight spins"
     alone = runtime.run(image)
-    assert runtime.busy_session is None, "a batch holding every request in flight asked for the busy session"
-
     in_flight[0] = 3
-    runtime.run(image)
-    wait_until(lambda: runtime.busy_session is not None, "the busy session to be built", timeout=120)
-    assert _stops_spinning(runtime.busy_session)
+    assert runtime.session_for(2) is runtime.busy_session
     beside = runtime.run(image)
     for role in ("logits", "embedding"):
         np.testing.assert_allclose(beside[role], alone[role], rtol=1e-5, atol=1e-5)
+    assert OnnxRuntime(entry, threads=2, spinning="always").busy_session is None
     with pytest.raises(ValueError, match="demand"):
         OnnxRuntime(entry, threads=2, spinning="idle")
 

@@ -18,7 +18,6 @@ lower at native 2048 (README "Memory").
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +46,7 @@ SHARED_WEIGHTS = SharedWeights()
 #   decode and HTTP threads under load.
 # - "idle" (the default): "always" while the batch is all the work the process has (no request is
 #   in flight beside the batch's rows), "run" otherwise: each entry then has a second session that
-#   stops spinning when its run ends, built the first time a batch runs beside other work.
+#   stops spinning when its run ends, built and warmed at load.
 #   bench.serving measured `always` fastest at concurrency 1 and `run` fastest under load; `off`,
 #   the busy session's policy before, served 0.8x what `run` did at c16 with mapped weights (README
 #   "Benchmarks").
@@ -76,9 +75,8 @@ class OnnxRuntime:
     With "idle", `demand()` is the number of requests the process is serving now: a batch whose rows
     are all of them runs on the always-spinning session; one that runs while other requests are
     decoded, queued or computed runs on a session whose workers stop spinning when its run ends, so
-    they leave the cores to that work between batches. That session is built in the background the
-    first time it is needed (the batch that asked runs on the spinning one meanwhile), so an entry
-    that never sees concurrent load holds one session.
+    they leave the cores to that work between batches. Both sessions are built at load; with mapped
+    or shared weights the second holds only its own constants and plan.
     """
 
     def __init__(
@@ -102,12 +100,10 @@ class OnnxRuntime:
         self._cpu_arena, self._mem_pattern = cpu_arena, mem_pattern
         self._demand = demand if spinning == "idle" else None
         self.session = self._session(IDLE_SPINNING if spinning == "idle" else spinning)
-        self._busy: ort.InferenceSession | None = None
-        self._busy_started = False
-        self._busy_lock = threading.Lock()
         self._input = entry.input_name
         self._outputs = [entry.logits_name, entry.embedding_name]
         self._run(self.session, np.zeros((1, *entry.input_shape), dtype=np.float32))
+        self._busy = self._build_busy() if spinning == "idle" else None
 
     def _session(self, spinning: str) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -148,22 +144,21 @@ class OnnxRuntime:
         self._model = None
 
     def run(self, batch: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
-        busy = self._demand is not None and self._demand() > len(batch)
-        return self._run(self._busy_session() if busy else self.session, batch)
+        return self._run(self.session_for(len(batch)), batch)
+
+    def session_for(self, rows: int) -> ort.InferenceSession:
+        """The session a batch of `rows` runs on: the busy one while other requests are in flight."""
+        busy = self._busy is not None and self._demand is not None and self._demand() > rows
+        return self._busy if busy else self.session
 
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
         logits, embedding = session.run(self._outputs, {self._input: batch})
         return {"logits": logits, "embedding": embedding}
 
-    def _busy_session(self) -> ort.InferenceSession:
-        """The busy session once built; until then the spinning one, after starting the build."""
-        with self._busy_lock:
-            if self._busy is None and not self._busy_started:
-                self._busy_started = True
-                threading.Thread(target=self._build_busy, name=f"busy-{self.entry.name}", daemon=True).start()
-        return self._busy or self.session
-
-    def _build_busy(self) -> None:
+    def _build_busy(self) -> ort.InferenceSession | None:
+        """The "idle" policy's busy session, built and warmed at load: built on the first overlap
+        instead, it took the cores from the batches it was meant to serve (a first pair of Swin-T
+        756x1008 requests took 2.3 and 3.6 s against 1.4 s for later pairs)."""
         try:
             session = self._session(BUSY_SPINNING)
             self._run(session, np.zeros((1, *self.entry.input_shape), dtype=np.float32))
@@ -172,12 +167,12 @@ class OnnxRuntime:
                 "busy session failed; every batch keeps the spinning one",
                 extra={"model": self.entry.name, "reason": repr(exc)},
             )
-            return
-        self._busy = session
+            return None
+        return session
 
     @property
     def busy_session(self) -> ort.InferenceSession | None:
-        """The session batches beside other work run on ("idle" policy), once built."""
+        """The session batches beside other work run on ("idle" policy)."""
         return self._busy
 
     def describe(self) -> str:
