@@ -20,8 +20,8 @@ file count it 27 times, while Pss counts each physical page once, shared among i
   JPEGs with `detail=full` and a long deadline for `--flood-seconds`. It passes when 429s appear
   and the peak stays under the bound of deploy/README.md "Memory limits", here for a gateway that
   runs its pools in-process, all in Pss: idle + what the server keeps after its first two overlapping
-  requests (the flood entry's second (busy) session, which ONNX Runtime's "idle" spinning policy
-  builds then, and the heap glibc keeps from their batches) + pools x MAX_QUEUE_BYTES + decode in
+  requests (the heap glibc keeps from their batches; the "idle" spinning policy's second session
+  is built at load, so idle holds it) + pools x MAX_QUEUE_BYTES + decode in
   flight (pools x decode threads x MAX_PIXELS x 3 bytes) + the activations of one batch at the
   flood's shape (the peak one such request adds to the idle server, measured first, times the
   entry's batch limit).
@@ -153,9 +153,8 @@ def _one_request(server: Server, body: bytes) -> dict:
 
 
 def _after_overlap(server: Server, body: bytes, idle_mib: float) -> float:
-    """MiB the server keeps, once settled, after its first two overlapping requests: the entry's
-    second (busy) session (ONNX Runtime's "idle" spinning policy builds it the first time a batch runs
-    beside other requests) and the heap glibc keeps from their batches."""
+    """MiB the server keeps, once settled, after its first two overlapping requests: the heap glibc
+    keeps from their batches (the "idle" policy's second session is built at load, so idle holds it)."""
     threads = [
         threading.Thread(target=_post, args=(server, "/v1/classify?detail=full", body)) for _ in range(2)
     ]
