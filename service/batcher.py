@@ -181,6 +181,7 @@ class Batcher:
     endpoint budget, which grows and shrinks with its replicas). `executor` runs `run_batch` (default: a private pool
     of `max_concurrent_batches` threads, shut down by `close`); share one across batchers to bound
     the batches running in a pool. `fill_executor` copies staged batches (default: the loop's).
+    `on_batch(rows, seconds)` is told, on the event loop, how long each successful batch ran.
     """
 
     def __init__(
@@ -202,6 +203,7 @@ class Batcher:
         metrics: Metrics | None = None,
         executor: Executor | None = None,
         fill_executor: Executor | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -230,6 +232,7 @@ class Batcher:
         self._capacity = capacity
         self._budget = byte_budget or ByteBudget(pool)
         self._metrics = metrics
+        self._on_batch = on_batch
         self._own_executor = None
         if executor is None:
             executor = self._own_executor = named_executor(max_concurrent_batches, f"batch-{model}-{bucket}")
@@ -658,6 +661,8 @@ class Batcher:
                 for row, request in enumerate(batch.claimed):
                     if not request.future.done():
                         request.future.set_result({name: value[row] for name, value in outputs.items()})
+                if self._on_batch is not None:
+                    self._on_batch(len(batch.claimed), seconds)
         finally:
             self._fail(batch.expired, lambda: DeadlineExceeded("deadline passed before the batch started"))
             self._running_batches -= 1

@@ -18,7 +18,6 @@ Sources, in order, named in every route as `cost_source`:
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -103,9 +102,9 @@ class ServedCosts:
     batches share the cores with decoding and other entries' batches: Swin-T 756x1008 was
     calibrated at 701 ms and took 826 ms served one at a time (README "Routing"). Every served batch
     updates an EWMA of its time over the calibrated time of its size (`SMOOTHING`, clamped to
-    `BOUNDS`), and `changed()` says when a factor moved by `REPLAN` since it was last applied, so
-    the router is rebuilt on the corrected costs without doing so on every batch. Thread-safe:
-    batches finish on executor threads.
+    `BOUNDS`), and `observe` says when a factor moved by `REPLAN` since `corrected` last applied it,
+    so the router is rebuilt on the corrected costs without doing so on every batch. Used on the
+    event loop only: batchers report there, and routes and rebuilds run there.
     """
 
     SMOOTHING = 0.2
@@ -115,27 +114,23 @@ class ServedCosts:
     def __init__(self) -> None:
         self._factors: dict[str, float] = {}
         self._applied: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def observe(self, entry: str, cost: EntryCost, batch: int, seconds: float) -> bool:
         """Record one served batch of `entry`; True when its factor moved by REPLAN since applied."""
         low, high = self.BOUNDS
         ratio = min(high, max(low, seconds / cost.batch_seconds(batch)))
-        with self._lock:
-            factor = self._factors.get(entry, 1.0)
-            factor += self.SMOOTHING * (ratio - factor)
-            self._factors[entry] = factor
-            return abs(factor / self._applied.get(entry, 1.0) - 1) > self.REPLAN
+        factor = self._factors.get(entry, 1.0)
+        factor += self.SMOOTHING * (ratio - factor)
+        self._factors[entry] = factor
+        return abs(factor / self._applied.get(entry, 1.0) - 1) > self.REPLAN
 
     def factor(self, entry: str) -> float:
-        with self._lock:
-            return self._factors.get(entry, 1.0)
+        return self._factors.get(entry, 1.0)
 
     def corrected(self, costs: Mapping[str, EntryCost]) -> dict[str, EntryCost]:
         """`costs` scaled by each entry's factor; the factors used count as applied."""
-        with self._lock:
-            self._applied = dict(self._factors)
-            return {name: cost.scaled(self._factors.get(name, 1.0)) for name, cost in costs.items()}
+        self._applied = dict(self._factors)
+        return {name: cost.scaled(self.factor(name)) for name, cost in costs.items()}
 
 
 def estimated_cost(flops: int, seconds_per_gflop: float | None) -> EntryCost:

@@ -112,7 +112,9 @@ class Settings(BaseSettings):
         "between batches, starving decoding under load).",
     )
     ort_share_weights: bool = Field(
-        True, description="One copy of each backbone's weights for all its ONNX Runtime sessions (shapes)."
+        True,
+        description="One unpacked copy of each backbone's weights for all its ONNX Runtime sessions "
+        "(shapes), where ORT_PREPACKED_CACHE is off or cannot be used.",
     )
     ort_prepacked_cache: Path | None = Field(
         default_factory=lambda: user_cache_dir() / "prepacked",

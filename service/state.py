@@ -12,16 +12,15 @@ background task then measures them one at a time and re-plans each batcher and t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
-
-import numpy as np
 
 from export.repository import ModelEntry, read_repository
 from export.shapes import Shape, shape_name
@@ -67,7 +66,6 @@ class ServingState:
     costs: dict[str, EntryCost] = field(default_factory=dict)
     # How much longer than calibrated served batches run; the router and queue waits use the product.
     served: ServedCosts = field(default_factory=ServedCosts, repr=False)
-    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     lifecycle: ModelLifecycle | None = None
     # The task measuring entries after start-up (VITSERVE_CALIBRATION_MODE=background), else None.
     background_calibration: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -138,7 +136,7 @@ class ServingState:
         if settings.role == "gateway":
             self.router = build_router(entries, settings)
         threads = settings.threads()
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self.endpoints = EndpointRegistry(
             settings.endpoint_concurrency,
             settings.endpoint_refresh_s,
@@ -207,7 +205,7 @@ class ServingState:
         concurrency = self._concurrency(entry)
         self._decoder(self.pool_of(entry))
         batcher = self.batchers.add(
-            self._served_batches(entry.name, run_batch),
+            run_batch,
             model=entry.name,
             pool=self.pool_of(entry),
             bucket=entry.bucket,
@@ -224,6 +222,7 @@ class ServingState:
             max_concurrent_batches=concurrency,
             capacity=self._remote_capacity(entry.name, runtime),
             executor=self._executor(self.pool_of(entry), concurrency),
+            on_batch=functools.partial(self._served_batch, entry.name),
         )
         self.metrics.model_ready.labels(entry.name).set(1)
         return batcher
@@ -264,20 +263,12 @@ class ServingState:
         cost = self.costs.get(entry.name)
         return entry.max_batch_size if cost is None else min(entry.max_batch_size, cost.best_batch)
 
-    def _served_batches(self, name: str, run_batch: RunBatch) -> RunBatch:
-        """`run_batch`, timed: each batch corrects the entry's cost (ServedCosts), and a correction
-        that moved enough rebuilds the router on the event loop (batches run on executor threads)."""
-
-        def timed(batch: np.ndarray, deadline: float | None) -> Mapping[str, np.ndarray]:
-            started = time.perf_counter()
-            outputs = run_batch(batch, deadline)
-            cost = self.costs.get(name)
-            seconds = time.perf_counter() - started
-            if cost is not None and self.served.observe(name, cost, len(batch), seconds) and self._loop:
-                self._loop.call_soon_threadsafe(self._rebuild_router)
-            return outputs
-
-        return timed
+    def _served_batch(self, name: str, rows: int, seconds: float) -> None:
+        """One served batch of `name` corrects its cost (ServedCosts); a correction that moved
+        enough rebuilds the router. Called by the batcher on the event loop."""
+        cost = self.costs.get(name)
+        if cost is not None and self.served.observe(name, cost, rows, seconds):
+            self._rebuild_router()
 
     def pool_waits(self) -> dict[str, float]:
         """Expected seconds before a new request of each pool starts: the served time (calibrated,

@@ -140,6 +140,27 @@ async def test_max_batch_size_caps_every_batch() -> None:
 
 
 @async_test
+async def test_each_successful_batch_is_reported_on_the_event_loop_with_its_rows() -> None:
+    """`on_batch` feeds the served-cost correction (service/state.py): one report per batch that
+    answered, with its rows and a positive run time, on the loop thread; a failed batch reports nothing."""
+    run = RowSums(poison=99)
+    reports: list[tuple[int, float, int]] = []
+    batcher = make(
+        run,
+        max_batch_size=4,
+        on_batch=lambda rows, seconds: reports.append((rows, seconds, threading.get_ident())),
+    )
+    await asyncio.gather(*(batcher.submit(image(i)) for i in range(6)))
+    with pytest.raises(BatchError):
+        await batcher.submit(image(99))
+    assert [rows for rows, _, _ in reports] == [len(b) for b in run.batches[:-1]]
+    assert sum(rows for rows, _, _ in reports) == 6
+    assert all(seconds > 0 for _, seconds, _ in reports)
+    assert {thread for _, _, thread in reports} == {threading.get_ident()}
+    await batcher.close()
+
+
+@async_test
 async def test_a_new_batch_limit_applies_from_the_next_batch_on() -> None:
     """A cost calibrated after start-up re-plans the limit (service/state.py, background calibration):
     batches grow past the old limit and shrink below it, and every row still reaches its caller,

@@ -5,9 +5,10 @@ onnxruntime-gpu and a GPU are present, else CPU. Intra-op threads are set explic
 gateway runs one session per entry and one batch at a time per session), and the session is
 warmed up at load so the first request does not pay for kernel selection and allocation.
 
-Memory (README "Memory"): the sessions of one backbone share one copy of its weights
-(ort_weights.SharedWeights, `VITSERVE_ORT_SHARE_WEIGHTS`), or, with `VITSERVE_ORT_PREPACKED_CACHE`,
-map one copy of its pre-packed weights from files written once (ort_prepacked); the CPU arena is
+Memory (README "Memory"): the sessions of one backbone map one copy of its pre-packed weights
+from files written once (ort_prepacked, `VITSERVE_ORT_PREPACKED_CACHE`, on by default), or, where
+that cache is off or unusable, share one unpacked copy (ort_weights.SharedWeights,
+`VITSERVE_ORT_SHARE_WEIGHTS`); the CPU arena is
 off by default (`VITSERVE_ORT_CPU_ARENA`): with one session per shape, per-session arenas each keep
 their peak activations for good, while without them large activation buffers go back to the system
 after each batch. ONNX Runtime's memory pattern (one block per run, planned from earlier runs) is off
