@@ -86,10 +86,10 @@ def test_a_saturated_windowed_queue_degrades_detail_and_says_so(photo_server: Se
 
 
 def test_served_batches_correct_costs_calibration_set_too_low(photo_repository: Path, tmp_path: Path) -> None:
-    """Calibration says every batch takes 0.5 ms; served batches take longer, and the router learns it:
-    the expected time of the entry that served them grows towards what they took (ServedCosts, at
-    most 4x), while an entry that served nothing keeps the file's cost."""
-    file_ms = 0.5
+    """Calibration says every batch takes 50 us, far less than any real run; served batches take
+    longer, and the router learns it: the expected time of the entry that served them grows towards
+    what they took (ServedCosts, at most 4x), while an entry that served nothing keeps the file's cost."""
+    file_ms = 0.05
     entries = [e.name for e in read_repository(photo_repository)]
     calibration = tmp_path / "calibration.yaml"
     write_calibration(calibration, {name: EntryCost({1: file_ms / 1e3}, FILE) for name in entries})
