@@ -18,9 +18,9 @@ pool at 224, every request decoded, routed, preprocessed, batched and post-proce
   comparing runs minutes apart would book against whichever configuration ran in a slow minute.
   Headline ratio per configuration = median over rounds.
 
-Weights (`--weights`): "shared" shares one unpacked copy of the weights across sessions
-(ORT_SHARE_WEIGHTS, the default); "mapped" maps pre-packed weights from a cache
-(`VITSERVE_ORT_PREPACKED_CACHE`, `--prepacked-cache`, default a temporary directory). Every
+Weights (`--weights`): "mapped" (the service's default) maps pre-packed weights from a cache
+(`VITSERVE_ORT_PREPACKED_CACHE`, `--prepacked-cache`, default a temporary directory); "shared"
+turns the cache off and shares one unpacked copy of the weights across sessions (ORT_SHARE_WEIGHTS). Every
 configuration is a spinning policy with one weights setting, all served at once and timed in the
 same interleaved rounds, and each has its raw baseline on the same weights: raw cells run per
 weights setting, and a configuration's c1 overhead and c16/c64 ratios are taken against the raw
@@ -129,7 +129,9 @@ def main() -> None:
     parser.add_argument(
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
-    parser.add_argument("--weights", default="shared", help=f"weights settings served: {','.join(WEIGHTS)}")
+    parser.add_argument(
+        "--weights", default="mapped", help=f"weights settings served: {','.join(WEIGHTS)} (default: the service's)"
+    )
     parser.add_argument(
         "--prepacked-cache", type=Path, help="the mapped weights' cache (default: a temporary directory)"
     )
