@@ -130,7 +130,9 @@ def main() -> None:
         "--repository", type=Path, help="reuse a repository an earlier run exported (default: export one)"
     )
     parser.add_argument(
-        "--weights", default="mapped", help=f"weights settings served: {','.join(WEIGHTS)} (default: the service's)"
+        "--weights",
+        default="mapped",
+        help=f"weights settings served: {','.join(WEIGHTS)} (default: the service's)",
     )
     parser.add_argument(
         "--prepacked-cache", type=Path, help="the mapped weights' cache (default: a temporary directory)"
