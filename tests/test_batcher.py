@@ -161,37 +161,6 @@ async def test_each_successful_batch_is_reported_on_the_event_loop_with_its_rows
 
 
 @async_test
-async def test_a_staged_batch_starts_before_the_batch_ahead_of_it_is_answered() -> None:
-    """The runtime never waits for the event loop to answer: the caller of batch [1] blocks the loop
-    until batch [2] is inside run_batch, which only a batch handed to its thread before the caller
-    resumed can reach (dispatched after the answers, it would wait for the caller: the 5 s runs out)."""
-    gate = threading.Event()
-    run = RowSums(gate)
-    fill = ThreadPoolExecutor(1)
-    batcher = make(run, max_batch_size=1, fill_executor=fill)
-
-    async def answered_after_the_next_batch_started() -> bool:
-        await batcher.submit(image(1))
-        give_up = time.monotonic() + 5
-        while 2 not in run.computed and time.monotonic() < give_up:
-            time.sleep(0.001)  # blocks the loop on purpose
-        return 2 in run.computed
-
-    first = asyncio.create_task(answered_after_the_next_batch_started())
-    assert await asyncio.to_thread(run.started.wait, 5)
-    second = asyncio.create_task(batcher.submit(image(2)))
-    await until(lambda: batcher.queue_depth == 1)
-    # The staged batch's copy ran in `fill` (one thread, in order): once a later job there is done,
-    # the collector has been resumed ahead of this test and waits for the run slot.
-    await asyncio.to_thread(lambda: fill.submit(lambda: None).result())
-    gate.set()
-    assert await first
-    check_own_row(run, 2, await second)
-    await batcher.close()
-    fill.shutdown()
-
-
-@async_test
 async def test_a_new_batch_limit_applies_from_the_next_batch_on() -> None:
     """A cost calibrated after start-up re-plans the limit (service/state.py, background calibration):
     batches grow past the old limit and shrink below it, and every row still reaches its caller,
