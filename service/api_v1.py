@@ -13,11 +13,13 @@ from pydantic import BaseModel
 from export.repository import ModelEntry
 from export.shapes import shape_name
 from service.accounting import request_record
+from service.batcher import BatchError
 from service.bodies import MULTIPART_OVERHEAD, image_part, read_body
 from service.dependencies import deadline, get_state, ready_state, withdrawn_on_disconnect
 from service.imaging import DecodedImage, ImageHeader, check_content_type, decode_image, probe_image
 from service.preprocess import decode_side, preprocess, served_mode
 from service.router import Route
+from service.runtimes import RuntimeUnavailable
 from service.schemas import (
     ClassifyResponse,
     EmbedResponse,
@@ -59,6 +61,7 @@ class RouteOverrides:
             budget_ms=self.budget_ms,
             full_detail=self.full_detail,
             waits=state.pool_waits(),
+            unavailable=state.unavailable_entries(),
         )
 
 
@@ -161,13 +164,17 @@ async def read_and_route(
     data = await _image_bytes(request, state, request_deadline)
     header = probe_image(data, max_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
     route = overrides.route(state, header.height, header.width)
-    entry = state.entry_for(route.entry)
+    record_route(request, state, route)
+    return header, route, state.entry_for(route.entry)
+
+
+def record_route(request: Request, state: ServingState, route: Route) -> None:
+    """The route in the request's access record and the routing metrics."""
     record = request_record(request)
     record.route, record.model = route.pool, route.model
     state.metrics.route_decisions.labels(route.pool, shape_name(route.shape)).inc()
     if route.degraded:
         state.metrics.route_degraded.labels(route.pool).inc()
-    return header, route, entry
 
 
 async def decode_routed(
@@ -181,25 +188,52 @@ async def decode_routed(
     return decoded, pixels, timings
 
 
-async def _run(
-    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
-) -> tuple[RoutedImage, dict[str, np.ndarray]]:
-    """Shared path of classify and embed: read, probe, route, admit, decode, batch.
+async def _infer(
+    request: Request,
+    state: ServingState,
+    header: ImageHeader,
+    route: Route,
+    entry: ModelEntry,
+    request_deadline: float,
+) -> tuple[DecodedImage, dict[str, np.ndarray], dict]:
+    """Admit, decode and batch one routed image.
 
     Admission comes before decode, so under overload a request is refused (429) before any CPU goes
     into its pixels, and the queue place it holds bounds the memory its decode will take.
     """
-    started = time.perf_counter()
-    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
     batcher = state.batcher(entry)
     with batcher.reserve() as reservation:
         async with withdrawn_on_disconnect(request):
             decoded, pixels, timings = await decode_routed(state, header, route, entry)
             submitted = time.perf_counter()
             outputs = await batcher.submit(pixels, request_deadline, reservation)
-    finished = time.perf_counter()
-    timings["queue_and_inference_ms"] = (finished - submitted) * 1e3
-    timings["total_ms"] = (finished - started) * 1e3
+    timings["queue_and_inference_ms"] = (time.perf_counter() - submitted) * 1e3
+    return decoded, outputs, timings
+
+
+async def _run(
+    request: Request, state: ServingState, overrides: RouteOverrides, request_deadline: float
+) -> tuple[RoutedImage, dict[str, np.ndarray]]:
+    """Shared path of classify and embed: read, probe, route, then admit, decode and batch.
+
+    A batch that finds its remote pool unreachable ejects the endpoint before it fails, so the
+    request is routed once more, now around that pool (service/router.py); when the route stays
+    the same (a forced backbone, detail=full, nothing else serves) the pool's 503 stands.
+    """
+    started = time.perf_counter()
+    header, route, entry = await read_and_route(request, state, overrides, request_deadline)
+    try:
+        decoded, outputs, timings = await _infer(request, state, header, route, entry, request_deadline)
+    except BatchError as exc:
+        if not isinstance(exc.__cause__, RuntimeUnavailable):
+            raise
+        rerouted = overrides.route(state, header.height, header.width)
+        if rerouted.entry == route.entry:
+            raise
+        record_route(request, state, rerouted)
+        route, entry = rerouted, state.entry_for(rerouted.entry)
+        decoded, outputs, timings = await _infer(request, state, header, route, entry, request_deadline)
+    timings["total_ms"] = (time.perf_counter() - started) * 1e3
     return RoutedImage(route, entry, decoded, timings), outputs
 
 

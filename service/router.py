@@ -24,6 +24,11 @@ the candidate served is the most detailed one whose expected time, queue include
 budget; when that is less detail than intended the route is `degraded` (counted per pool).
 `detail=full` opts out: the most detailed candidate, whatever the budget and the queues.
 
+An entry whose remote pool has no ready endpoint (every replica gone or ejected,
+service/runtimes/endpoints.py) is routed around: it is left out while another candidate stays, and
+when that costs detail the route is `degraded` and says why. A request that forced that backbone,
+asked for `detail=full`, or has nothing else left meets the pool's 503 instead.
+
 Policy "square" is the previous router, kept as the benchmarks' baseline: square shapes only,
 the global backbone while the image has at most `max_global_tokens` (default 1024) tokens at its
 patch size, and the smallest bucket not smaller than the long (pad) or short (crop) side.
@@ -35,7 +40,7 @@ the Router is built; a route is a few dozen multiplications per candidate.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -65,6 +70,8 @@ MAX_UPSCALE = 1.05
 MAX_PADDING = 0.15
 # Details equal to two decimals are a tie, decided by expected time.
 DETAIL_DECIMALS = 2
+# The exclusion reason of a candidate whose pool has no ready endpoint.
+UNAVAILABLE = "no ready endpoint"
 # The square policy's limit between the backbones, (512 / 16)^2 tokens, when the routing sets none.
 SQUARE_MAX_GLOBAL_TOKENS = 1024
 DEFAULT_GLOBAL_SHAPES = aspect_ladder(224, 16)
@@ -321,12 +328,15 @@ class Router:
         budget_ms: float | None = None,
         full_detail: bool = False,
         waits: Mapping[str, float] | None = None,
+        unavailable: Collection[str] = (),
     ) -> Route:
         """Route an image of `height` x `width` pixels.
 
         `budget_ms` is the request's latency budget (default `target_latency_ms`), `waits` the
-        expected queue wait in seconds of each pool, `full_detail` opts out of degradation. The
-        model and/or a square bucket may be forced. Raises ValueError for a non-positive size or
+        expected queue wait in seconds of each pool, `full_detail` opts out of degradation,
+        `unavailable` the entries whose pool has no ready endpoint (routed around, see the module
+        docstring).
+        The model and/or a square bucket may be forced. Raises ValueError for a non-positive size or
         a bucket the model does not serve, UnknownModelError (a ValueError) for an unrouted model.
         """
         for name, value in (("height", height), ("width", width)):
@@ -336,21 +346,28 @@ class Router:
         pool_waits = dict(waits or {})
         geometries = [self._geometry(s.shape, height, width) for s in self.servables]
         image_tokens = self._image_tokens(height, width)
-        excluded = (
-            [None] * len(geometries)
-            if self.policy == "square"
-            else self._exclusions(geometries, override_model, override_bucket)
-        )
-        candidates = [
-            self._candidate(servable, geometry, pool_waits.get(servable.pool, 0.0), reason)
-            for servable, geometry, reason in zip(self.servables, geometries, excluded, strict=True)
-        ]
+        down = frozenset(unavailable) if self.policy == "cost" and not full_detail else frozenset()
         if self.policy == "square":
+            candidates = self._candidates(geometries, [None] * len(geometries), pool_waits)
             chosen, intended, reason = self._square(
                 candidates, height, width, image_tokens, override_model, override_bucket
             )
         else:
+            excluded = self._exclusions(geometries, override_model, override_bucket, down)
+            candidates = self._candidates(geometries, excluded, pool_waits)
             chosen, intended, reason = self._by_cost(candidates, budget, full_detail)
+            if any(c.excluded and c.excluded.startswith(UNAVAILABLE) for c in candidates):
+                up = self._candidates(
+                    geometries, self._exclusions(geometries, override_model, override_bucket), pool_waits
+                )
+                preferred = self._by_cost(up, budget, full_detail)[0]
+                if round(preferred.detail, DETAIL_DECIMALS) > round(intended.detail, DETAIL_DECIMALS):
+                    intended = preferred
+                    reason = (
+                        f"degraded: pool {preferred.pool} has no ready endpoint, where {preferred.entry} would "
+                        f"keep detail {preferred.detail:.2f}; {chosen.entry} keeps detail {chosen.detail:.2f} "
+                        f"in an expected {chosen.expected_ms:.0f} ms"
+                    )
         degraded = round(chosen.detail, DETAIL_DECIMALS) < round(intended.detail, DETAIL_DECIMALS)
         return Route(
             model=chosen.model,
@@ -387,6 +404,14 @@ class Router:
             content = rows * cols
         return Geometry(resized, scale, 1 - content / (rows * cols), min(1.0, content / (height * width)))
 
+    def _candidates(
+        self, geometries: list[Geometry], excluded: list[str | None], waits: Mapping[str, float]
+    ) -> list[Candidate]:
+        return [
+            self._candidate(servable, geometry, waits.get(servable.pool, 0.0), reason)
+            for servable, geometry, reason in zip(self.servables, geometries, excluded, strict=True)
+        ]
+
     @staticmethod
     def _candidate(servable: Servable, geometry: Geometry, wait_s: float, excluded: str | None) -> Candidate:
         cost_ms = servable.cost_ms
@@ -409,12 +434,17 @@ class Router:
         )
 
     def _exclusions(
-        self, geometries: list[Geometry], override_model: str | None, override_bucket: int | None
+        self,
+        geometries: list[Geometry],
+        override_model: str | None,
+        override_bucket: int | None,
+        down: frozenset[str] = frozenset(),
     ) -> list[str | None]:
         """Why each servable is left out for this image (None: it stays), the first rule that applies
-        winning; raises ValueError if an override leaves nothing. Decided on the geometries before any
-        Candidate is built, so each Candidate is built once (rebuilding excluded ones with
-        `dataclasses.replace` was a third of a route's time at 27 candidates)."""
+        winning; raises ValueError if an override leaves nothing. Entries in `down` are left out while
+        another candidate stays. Decided on the geometries before any Candidate is built, so
+        each Candidate is built once (rebuilding excluded ones with `dataclasses.replace` was a third
+        of a route's time at 27 candidates)."""
         requested = self._pool_of(override_model) if override_model is not None else None
         square = None if override_bucket is None else (override_bucket, override_bucket)
         cap = self.config.max_global_tokens
@@ -435,6 +465,11 @@ class Router:
         live = [i for i, reason in enumerate(reasons) if reason is None]
         if not live:
             raise ValueError(f"no candidate is left for this request: {reasons[0]}")
+        if any(self.servables[i].entry not in down for i in live):
+            for i in live:
+                if self.servables[i].entry in down:
+                    reasons[i] = f"{UNAVAILABLE} in pool {self.servables[i].pool}"
+            live = [i for i in live if reasons[i] is None]
         # Padding first: an aspect ratio is served by the shapes of its class. Among those, an image
         # that some shape holds without upscaling it over 5% is never upscaled more; an image smaller
         # than every shape of its class takes the least upscaling.

@@ -288,6 +288,14 @@ class ServingState:
                 )
         return waits
 
+    def unavailable_entries(self) -> list[str]:
+        """Remote entries whose pool has no ready endpoint now: the router routes around them."""
+        return [
+            name
+            for name, runtime in self.runtimes.items()
+            if (endpoints := getattr(runtime, "endpoints", None)) is not None and not endpoints.ready()
+        ]
+
     def _concurrency(self, entry: ModelEntry) -> int:
         """Remote pools overlap batches up to their endpoints' budget (the batcher asks the runtime's
         `endpoints.capacity()`), below this ceiling; local runtimes run one batch at a time."""

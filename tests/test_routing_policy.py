@@ -160,6 +160,30 @@ def test_a_long_queue_sheds_detail_before_requests_and_detail_full_opts_out(rout
     assert beyond.detail == full.detail > tight.detail  # beyond the budget: the most detail there is
 
 
+def test_entries_of_a_pool_without_ready_endpoints_are_routed_around_unless_nothing_else_serves(router):
+    """The windowed pool down: a photo Swin would serve goes to ViT, degraded and saying why; a forced
+    backbone, detail=full and a request with nothing else left still route there and meet its 503."""
+    up = router.route(1536, 2048, budget_ms=2000)
+    assert up.pool == "windowed"
+    down = [s.entry for s in router.servables if s.pool == "windowed"]
+    around = router.route(1536, 2048, budget_ms=2000, unavailable=down)
+    assert around.pool == "global" and around.degraded and around.detail < up.detail
+    assert around.reason.startswith(f"degraded: pool windowed has no ready endpoint, where {up.entry}")
+    assert {c.excluded for c in around.candidates if c.pool == "windowed"} == {
+        "no ready endpoint in pool windowed"
+    }
+    assert around.padding <= MAX_PADDING  # the global backbone's shape of the photo's aspect class
+    assert router.route(1536, 2048, override_model="swin_windowed", unavailable=down).pool == "windowed"
+    full = router.route(1536, 2048, budget_ms=2000, full_detail=True, unavailable=down)
+    assert full.entry == up.entry and not full.degraded
+    everything = [s.entry for s in router.servables]
+    assert router.route(1536, 2048, budget_ms=2000, unavailable=everything).entry == up.entry
+    # A thumbnail the global pool would serve at full detail keeps it on the windowed backbone: no
+    # detail is lost, so the route is not degraded.
+    thumbnail = router.route(224, 224, unavailable=[s.entry for s in router.servables if s.pool == "global"])
+    assert thumbnail.pool == "windowed" and thumbnail.detail == 1 and not thumbnail.degraded
+
+
 def _pair(global_ms: float, windowed_ms: float, **config) -> Router:
     routing = RoutingConfig(
         global_backbone=BackboneRoute(model="g", config="vit_small_patch16_224", buckets=(224,)),

@@ -4,7 +4,8 @@
    in pool mode, while its windowed backbone stays on embedded ONNX Runtime: classification,
    batching and metrics work across the two processes; stopping the pool turns the global route
    into fast 503s naming the pool (the windowed route keeps serving); restarting the pool on the
-   same port recovers without restarting the gateway.
+   same port recovers without restarting the gateway. Unforced requests are routed around the
+   stopped pool once its endpoint is ejected.
 2. Compatibility with an independent KServe v2 implementation: MLServer 1.7.1 (its own venv, made
    by `make mlserver-env`) serving the exported ONNX model through tests/support/mlserver_model.py.
    Protocol differences found, and how the triton runtime deals with them:
@@ -39,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from export import read_entry
 from export.repository import ModelEntry
+from service.calibration import FILE, EntryCost, write_calibration
 from service.preprocess import preprocess
 from service.runtimes.ort import OnnxRuntime
 from service.runtimes.triton_runtime import TritonRuntime, TritonTarget
@@ -103,6 +105,17 @@ class Tiers:
         self.log_dir = log_dir
         self.pool_port = free_port()
         self.pool = self.start_pool()
+        # The remote global entry costs less than the embedded windowed one, so unforced requests go
+        # to the pool while it is up (both batch up to 8); an ejected endpoint stays out for the
+        # whole module, so routing around it never depends on how fast a test runs.
+        calibration = log_dir / "calibration.yaml"
+        write_calibration(
+            calibration,
+            {
+                f"vit_digits_{BUCKET}": EntryCost({1: 0.001, 8: 0.004}, FILE),
+                f"swin_digits_{BUCKET}": EntryCost({1: 0.05, 8: 0.2}, FILE),
+            },
+        )
         self.gateway = start_server(
             log_dir,
             repository=repository,
@@ -111,6 +124,8 @@ class Tiers:
             triton_connect_timeout_ms=500,
             triton_timeout_ms=10_000,
             max_queue_delay_ms=100,
+            calibration=calibration,
+            endpoint_eject_s=3600,
         )
 
     @property
@@ -122,10 +137,12 @@ class Tiers:
             self.log_dir, port=self.pool_port, repository=self.repository, role="pool", models="vit_digits"
         )
 
-    def classify(self, picture: np.ndarray, model: str = "vit_digits") -> httpx.Response:
+    def classify(self, picture: np.ndarray, model: str | None = "vit_digits") -> httpx.Response:
+        """POST the picture to the gateway, forced to `model` (None: routed)."""
+        forced = {} if model is None else {"model": model}
         return httpx.post(
             f"{self.gateway.url}/v1/classify",
-            params={"model": model, "top_k": 5, "timeout_ms": 20_000},
+            params={**forced, "top_k": 5, "timeout_ms": 20_000},
             content=png(picture),
             headers={"Content-Type": "image/png"},
             timeout=30,
@@ -217,6 +234,37 @@ def test_stopped_pool_gives_503_and_restart_recovers(tiers, pictures, reference)
         time.sleep(0.2)
         response = tiers.classify(pictures[0])
     assert predicted(response) == expected
+
+
+def test_unforced_requests_are_routed_around_a_pool_whose_endpoint_is_ejected(tiers, pictures, reference):
+    expected = top5(reference["logits"])[0]
+    assert tiers.classify(pictures[0], model=None).json()["route"]["pool"] == "global"
+
+    tiers.pool.stop()
+    # The first batch to find the pool gone ejects its endpoint and fails; its request is routed
+    # again, around the pool. From then on the router leaves the pool's entry out from the start.
+    for attempt, decisions in (("rerouted after the failed batch", 2), ("routed around from the start", 1)):
+        before = samples(tiers.gateway.url, "vitserve_route_decisions_total")
+        around = tiers.classify(pictures[0], model=None)
+        assert around.status_code == 200, (attempt, around.text)
+        assert len(predicted(around)) == 5
+        assert samples(tiers.gateway.url, "vitserve_route_decisions_total") - before == decisions, attempt
+        route = around.json()["route"]
+        assert route["pool"] == "windowed" and route["detail"] == 1 and not route["degraded"], attempt
+        assert {c["excluded"] for c in route["candidates"] if c["pool"] == "global"} == {
+            "no ready endpoint in pool global"
+        }
+    assert tiers.classify(pictures[0]).status_code == 503, "a forced backbone still meets its pool's 503"
+
+    tiers.pool = tiers.start_pool()
+    deadline = time.monotonic() + RECOVERY_WAIT_S
+    response = tiers.classify(pictures[0])
+    while response.status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        response = tiers.classify(pictures[0])
+    assert predicted(response) == expected
+    back = tiers.classify(pictures[0], model=None)
+    assert back.json()["route"]["pool"] == "global", "an answered batch readmits the endpoint"
 
 
 @pytest.fixture(scope="module")

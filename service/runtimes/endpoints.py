@@ -173,7 +173,7 @@ class EndpointSet:
         self._endpoints: dict[str, Endpoint] = {}
         self._picks = itertools.count(1)
         self._closed = threading.Event()
-        self.metrics.endpoints.labels(pool, "ready").set_function(lambda: self._count(ejected=False))
+        self.metrics.endpoints.labels(pool, "ready").set_function(self.ready)
         self.metrics.endpoints.labels(pool, "ejected").set_function(lambda: self._count(ejected=True))
         self.refresh()
         if self.source.dynamic:
@@ -184,6 +184,10 @@ class EndpointSet:
     def urls(self) -> list[str]:
         with self._cond:
             return sorted(self._endpoints)
+
+    def ready(self) -> int:
+        """Endpoints not ejected: with none, the router routes around the pool (service/router.py)."""
+        return self._count(ejected=False)
 
     def capacity(self) -> int:
         """Batches the pool's endpoints take at once (at least 1, so a batch still fails fast with none)."""
